@@ -1,0 +1,1 @@
+import selfspec.tree

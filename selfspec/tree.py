@@ -1,0 +1,177 @@
+"""Token trees as data.
+
+A draft tree has T nodes. Node 0 is the root: the token the target produced last (its bonus
+token), whose K/V is not in the cache yet. Every other node is a drafted token one position
+deeper than its parent. The target scores all T nodes in one forward: node i sits at position
+``prefix_len + depths[i]`` and attends to the whole prefix plus its own ancestors (itself
+included), which is exactly ``ancestor_mask[i]``.
+
+Everything here is torch only and has no notion of models: a tree is built once from its shape
+(static trees) or per step from parent indices (dynamic trees), and the buffers travel to the
+attention kernels, the acceptance rule and the cache commit unchanged.
+
+The shape is given either as Medusa-style paths -- ``(0,)`` is the drafter's best candidate at
+depth 1, ``(0, 1)`` the second-best candidate at depth 2 below it -- or as a parents array.
+The last element of a path is the node's *rank*: which of the drafter's candidates at that depth
+(conditioned on the parent for autoregressive drafters) the node takes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+Path = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Static description of one draft tree; T nodes, node 0 the root, parents before children."""
+
+    parents: torch.Tensor  # [T] int64, parent node of each node; -1 for the root
+    depths: torch.Tensor  # [T] int64, 0 for the root; node i sits at position prefix_len + depths[i]
+    ranks: torch.Tensor  # [T] int64, candidate rank among the drafter's top-k at the node's depth; -1 root
+    ancestor_mask: torch.Tensor  # [T, T] bool, [i, j] is True iff j is i or an ancestor of i
+    retrieve_paths: torch.Tensor  # [P, D] int64, root-to-leaf node indices, right-padded with -1
+    num_children: torch.Tensor  # [T] int64, children per node (0 for leaves)
+
+    @property
+    def size(self) -> int:
+        """Number of nodes T, root included."""
+        return int(self.parents.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        """Depth of the deepest node (0 for a root-only tree)."""
+        return int(self.retrieve_paths.shape[1]) - 1
+
+    def to(self, device: torch.device | str) -> "TreeBuffers":
+        """The same tree with every buffer on ``device``."""
+        return TreeBuffers(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
+    def paths(self) -> list[Path]:
+        """The Medusa-style paths (ranks from the root) of every non-root node, in node order."""
+        out: list[Path] = [()]
+        parents, ranks = self.parents.tolist(), self.ranks.tolist()
+        for i in range(1, len(parents)):
+            out.append(out[parents[i]] + (ranks[i],))
+        return out[1:]
+
+
+def tree_from_parents(parents: Sequence[int] | torch.Tensor, ranks: Sequence[int] | torch.Tensor | None = None) -> TreeBuffers:
+    """Build the buffers of a tree given each node's parent (``parents[0] == -1``, ``parents[i] < i``).
+
+    ``ranks`` defaults to each node's order among its siblings. The work is vectorized over nodes
+    (one pointer-jumping step per depth), so it can run every decode step for dynamic trees.
+    """
+    parents = torch.as_tensor(parents, dtype=torch.long)
+    if parents.ndim != 1 or parents.numel() == 0:
+        raise ValueError(f"parents must be a non-empty 1-D sequence, got shape {tuple(parents.shape)}")
+    t = parents.numel()
+    idx = torch.arange(t, device=parents.device)
+    if parents[0].item() != -1:
+        raise ValueError(f"node 0 must be the root (parents[0] == -1), got parents[0] == {parents[0].item()}")
+    if t > 1 and not bool(((parents[1:] >= 0) & (parents[1:] < idx[1:])).all()):
+        raise ValueError("every non-root node's parent must be an earlier node (0 <= parents[i] < i)")
+
+    ancestor_mask = torch.zeros(t, t, dtype=torch.bool, device=parents.device)
+    depths = torch.zeros(t, dtype=torch.long, device=parents.device)
+    cur = idx.clone()
+    alive = torch.ones(t, dtype=torch.bool, device=parents.device)
+    while bool(alive.any()):
+        ancestor_mask[idx[alive], cur[alive]] = True
+        cur = torch.where(alive, parents[cur.clamp(min=0)], cur)
+        alive = alive & (cur >= 0)
+        depths += alive.long()
+
+    num_children = torch.bincount(parents[1:], minlength=t) if t > 1 else torch.zeros(1, dtype=torch.long)
+    if ranks is None:
+        # Rank among siblings: how many earlier nodes share the same parent.
+        same_parent = (parents[:, None] == parents[None, :]) & (idx[None, :] < idx[:, None])
+        ranks = same_parent.sum(1)
+        ranks[0] = -1
+    ranks = torch.as_tensor(ranks, dtype=torch.long, device=parents.device)
+    if ranks.shape != parents.shape:
+        raise ValueError(f"ranks has shape {tuple(ranks.shape)}, expected {tuple(parents.shape)} (one per node)")
+
+    leaves = (num_children == 0).nonzero().flatten()
+    width = int(depths.max().item()) + 1
+    # Path of a leaf = its ancestors in index order (parents precede children, so index order is
+    # depth order along a path).
+    keyed = torch.where(ancestor_mask[leaves], idx, t).sort(dim=1).values[:, :width]
+    retrieve_paths = torch.where(keyed == t, -1, keyed)
+    return TreeBuffers(
+        parents=parents,
+        depths=depths,
+        ranks=ranks,
+        ancestor_mask=ancestor_mask,
+        retrieve_paths=retrieve_paths,
+        num_children=num_children,
+    )
+
+
+def build_tree(paths: Iterable[Sequence[int]]) -> TreeBuffers:
+    """Build a static tree from Medusa-style paths; the root is implicit and comes first.
+
+    Nodes are ordered by depth, then lexicographically, so parents always precede children.
+    Every prefix of a path must itself be a path (a node cannot hang below a missing node).
+    """
+    uniq = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+    for p in uniq:
+        if len(p) == 0:
+            raise ValueError("the empty path is the implicit root; list only non-root nodes")
+        if min(p) < 0:
+            raise ValueError(f"path {p} has a negative rank; ranks index the drafter's top-k candidates")
+    index = {(): 0}
+    parents, ranks = [-1], [-1]
+    for p in uniq:
+        if p[:-1] not in index:
+            raise ValueError(f"path {p} needs its parent {p[:-1]} in the tree as well")
+        index[p] = len(parents)
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+    return tree_from_parents(parents, ranks)
+
+
+def chain(depth: int) -> TreeBuffers:
+    """A single path of ``depth`` drafted tokens (each the drafter's top-1), plus the root."""
+    if depth < 0:
+        raise ValueError(f"chain depth must be >= 0, got {depth}")
+    return build_tree([(0,) * d for d in range(1, depth + 1)])
+
+
+def tree_from_acceptance(acceptance: torch.Tensor, num_nodes: int) -> TreeBuffers:
+    """The static tree of ``num_nodes`` nodes (root included) with the largest expected accepted length.
+
+    ``acceptance[d, k]`` is the probability that the drafter's rank-k candidate at depth d+1 is the
+    target's token (measured on held-out data, or a prior). Under independence a node's chance of
+    being accepted is the product along its path, and the expected accepted length is the sum
+    over nodes, so growing best-first from the root is optimal (Medusa's construction).
+    """
+    acc = torch.as_tensor(acceptance, dtype=torch.float64)
+    if acc.ndim != 2 or acc.numel() == 0:
+        raise ValueError(f"acceptance must be a [depth, top_k] matrix, got shape {tuple(acc.shape)}")
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1 (the root), got {num_nodes}")
+    max_d, top_k = acc.shape
+    chosen: list[Path] = []
+    heap: list[tuple[float, Path]] = [(-float(acc[0, k]), (k,)) for k in range(top_k)]
+    heapq.heapify(heap)
+    while heap and len(chosen) < num_nodes - 1:
+        neg_p, path = heapq.heappop(heap)
+        chosen.append(path)
+        if len(path) < max_d:
+            for k in range(top_k):
+                heapq.heappush(heap, (neg_p * float(acc[len(path), k]), path + (k,)))
+    return build_tree(chosen)
+
+
+def prior_acceptance(depth: int, top_k: int, first: float, decay: float) -> torch.Tensor:
+    """A prior acceptance matrix [depth, top_k] for drafters not calibrated yet: rank k at depth d
+    is accepted with ``first * decay**d / 2**k`` (top-1 dominates; deeper heads are weaker)."""
+    d = torch.arange(depth, dtype=torch.float64)[:, None]
+    k = torch.arange(top_k, dtype=torch.float64)[None, :]
+    return first * decay**d / 2.0**k
