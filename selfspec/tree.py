@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -175,3 +175,150 @@ def prior_acceptance(depth: int, top_k: int, first: float, decay: float) -> torc
     d = torch.arange(depth, dtype=torch.float64)[:, None]
     k = torch.arange(top_k, dtype=torch.float64)[None, :]
     return first * decay**d / 2.0**k
+
+
+# Dynamic trees (EAGLE-2). Each step the drafter grows a pool of candidates depth by depth:
+# every frontier node proposes its top-k children, scored by cumulative log-confidence (the sum of
+# drafter log-probs along the path, a stand-in for the chance that the whole path is accepted);
+# the best `expand` children globally form the next frontier. Finally the best `budget` nodes of
+# the whole pool are verified. Medusa heads fit the same mould: head d proposes the same top-k at
+# every frontier node, independently of the parent.
+
+
+@dataclass(frozen=True)
+class DraftPool:
+    """Every candidate drafted so far in one step, root first, parents before children."""
+
+    tokens: torch.Tensor  # [N] int64, node tokens; tokens[0] is the root (the last bonus token)
+    parents: torch.Tensor  # [N] int64, parent node; -1 for the root
+    scores: torch.Tensor  # [N] float32, cumulative drafter log-prob of the path; 0 at the root
+    ranks: torch.Tensor  # [N] int64, the node's rank in its parent's top-k; -1 for the root
+
+    @staticmethod
+    def root(token: int | torch.Tensor, device: torch.device | str | None = None) -> "DraftPool":
+        """A pool holding only the root."""
+        token = torch.as_tensor(token, dtype=torch.long, device=device).reshape(1)
+        return DraftPool(
+            tokens=token,
+            parents=torch.full_like(token, -1),
+            scores=torch.zeros(1, dtype=torch.float32, device=token.device),
+            ranks=torch.full_like(token, -1),
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of nodes N, root included."""
+        return int(self.parents.shape[0])
+
+
+Proposer = Callable[[DraftPool, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""``propose(pool, frontier [F], depth) -> (logprobs [F, K] or [K], tokens [F, K] or [K])``: the
+drafter's top-k children of each frontier node; ``depth`` (0-based) is the frontier's depth."""
+
+
+def expand_frontier(
+    pool: DraftPool, frontier: torch.Tensor, logprobs: torch.Tensor, tokens: torch.Tensor, expand: int
+) -> tuple[DraftPool, torch.Tensor]:
+    """Add the top-k children of every frontier node to the pool and pick the next frontier.
+
+    frontier: [F] node indices into ``pool``; logprobs, tokens: [F, K] the drafter's top-k at each
+    frontier node, or [K] for candidates that do not depend on the parent (Medusa heads). All F*K
+    children join the pool; the ``expand`` best by cumulative score (earlier node on ties) are the
+    next frontier, returned as ascending node indices [min(expand, F*K)] into the grown pool.
+    """
+    if expand < 1:
+        raise ValueError(f"expand must be >= 1 (frontier nodes per depth), got {expand}")
+    f = frontier.numel()
+    logprobs = logprobs.expand(f, logprobs.shape[-1]) if logprobs.ndim == 1 else logprobs
+    tokens = tokens.expand(f, tokens.shape[-1]) if tokens.ndim == 1 else tokens
+    if logprobs.shape != tokens.shape or logprobs.shape[0] != f:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)} and tokens {tuple(tokens.shape)} must both be [F, K] (or [K]) "
+            f"for the F={f} frontier nodes"
+        )
+    k = logprobs.shape[1]
+    scores = (pool.scores[frontier][:, None] + logprobs.float()).flatten()  # [F*K]
+    grown = DraftPool(
+        tokens=torch.cat([pool.tokens, tokens.flatten().long()]),
+        parents=torch.cat([pool.parents, frontier.long().repeat_interleave(k)]),
+        scores=torch.cat([pool.scores, scores]),
+        ranks=torch.cat([pool.ranks, torch.arange(k, device=scores.device).repeat(f)]),
+    )
+    best = scores.sort(descending=True, stable=True).indices[:expand]
+    return grown, pool.size + best.sort().values
+
+
+def select_nodes(
+    parents: torch.Tensor, scores: torch.Tensor, budget: int, ranks: torch.Tensor | None = None
+) -> tuple[TreeBuffers, torch.Tensor]:
+    """The tree of the best ``budget`` nodes (root included) of a pool, and their pool indices.
+
+    parents: [N] with parents[i] < i; scores: [N] cumulative scores; ranks: [N] or None (then
+    sibling order). The root is always kept. A node ranks by the lowest score on its path, which
+    is its own score whenever scores do not increase along paths (sums of log-probs); ties go to
+    the earlier node. A parent thus always outranks its children, so the kept set holds every
+    kept node's ancestors. Returns the TreeBuffers of the kept nodes re-indexed in pool order
+    (parents still precede children) and kept [M] ascending pool indices, M = min(budget, N).
+    """
+    parents = torch.as_tensor(parents, dtype=torch.long)
+    scores = torch.as_tensor(scores, device=parents.device)
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 (the root counts), got {budget}")
+    if scores.shape != parents.shape or parents.ndim != 1:
+        raise ValueError(f"parents {tuple(parents.shape)} and scores {tuple(scores.shape)} must both be [N]")
+    if bool(scores.isnan().any()):
+        raise ValueError("scores contain NaN; pass cumulative log-probs (use -inf for impossible nodes)")
+    rank_key = _path_min(parents, scores.double())
+    rank_key[0] = torch.inf  # the root is always verified
+    kept = rank_key.sort(descending=True, stable=True).indices[:budget].sort().values  # [M]
+    new_index = torch.full_like(parents, -1)
+    new_index[kept] = torch.arange(kept.numel(), device=parents.device)
+    kept_parents = parents[kept]
+    new_parents = torch.where(kept_parents < 0, -1, new_index[kept_parents.clamp(min=0)])
+    tree = tree_from_parents(new_parents, None if ranks is None else torch.as_tensor(ranks)[kept])
+    return tree, kept
+
+
+def _path_min(parents: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Each node's lowest score over itself and its ancestors [N] (a loop over depth, not nodes)."""
+    low = scores.clone()
+    anc = parents.clone()  # [N] the ancestor compared next; -1 once past the root
+    while bool((anc >= 0).any()):
+        up = anc >= 0
+        low = torch.where(up, torch.minimum(low, scores[anc.clamp(min=0)]), low)
+        anc = torch.where(up, parents[anc.clamp(min=0)], anc)
+    return low
+
+
+def grow_tree(
+    root_token: int | torch.Tensor, propose: Proposer, depth: int, expand: int, budget: int
+) -> tuple[TreeBuffers, torch.Tensor]:
+    """Grow a dynamic tree ``depth`` levels deep, then keep its best ``budget`` nodes.
+
+    Each level calls ``propose(pool, frontier, level)`` for the drafter's top-k at the frontier
+    (EAGLE: run the draft model on the frontier nodes; Medusa: ``medusa_proposer``) and keeps the
+    ``expand`` best children as the next frontier. Returns the tree and its node tokens [T].
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    pool = DraftPool.root(root_token)
+    frontier = torch.zeros(1, dtype=torch.long, device=pool.tokens.device)
+    for level in range(depth):
+        logprobs, tokens = propose(pool, frontier, level)
+        pool, frontier = expand_frontier(pool, frontier, logprobs, tokens, expand)
+    tree, kept = select_nodes(pool.parents, pool.scores, budget, pool.ranks)
+    return tree, pool.tokens[kept]
+
+
+def medusa_proposer(head_logprobs: torch.Tensor, head_tokens: torch.Tensor) -> Proposer:
+    """A proposer from Medusa heads' top-k, head_logprobs and head_tokens [D, K]: head d proposes
+    the same candidates below every node at depth d, whatever the parent."""
+    if head_logprobs.shape != head_tokens.shape or head_logprobs.ndim != 2:
+        raise ValueError(
+            f"head_logprobs {tuple(head_logprobs.shape)} and head_tokens {tuple(head_tokens.shape)} must both be [D, K]"
+        )
+
+    def propose(pool: DraftPool, frontier: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return head_logprobs[level], head_tokens[level]  # [K] each, broadcast over the frontier
+
+    return propose

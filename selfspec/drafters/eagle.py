@@ -1,0 +1,162 @@
+"""EAGLE-style drafter: one decoder layer that extrapolates the target's features.
+
+At position t the drafter reads ``fc([h_t ; embed(x_{t+1})])`` -- the target's hidden state and
+the token that followed it -- runs one transformer layer of its own (causal, with its own KV
+cache) and outputs a predicted feature for t+1, which the target's frozen, shared ``lm_head``
+turns into a distribution over x_{t+2}. Drafting a tree is autoregressive at the feature level:
+a node at depth d pairs its parent's predicted feature with its own token, one layer forward per
+depth, each node attending to the cached prefix and its ancestors only.
+
+The layer (RMSNorm, GQA attention with rotary positions, SwiGLU MLP) is written here from the
+standard recipe; it does not depend on the target's modeling code, so any target works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from selfspec.cache import KVStore, offset_causal_mask
+from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
+from selfspec.tree import TreeBuffers, prior_acceptance, tree_from_acceptance
+
+
+@dataclass
+class EagleConfig(DrafterConfig):
+    num_heads: int = dataclasses.field(default=8, metadata={"help": "attention heads of the draft layer"})
+    num_kv_heads: int = dataclasses.field(default=8, metadata={"help": "key/value heads (GQA) of the draft layer"})
+    head_dim: int = dataclasses.field(default=64, metadata={"help": "per-head size"})
+    intermediate_size: int = dataclasses.field(default=1024, metadata={"help": "SwiGLU MLP width"})
+    rms_norm_eps: float = dataclasses.field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    rope_theta: float = dataclasses.field(default=10000.0, metadata={"help": "rotary base"})
+    tree_depth: int = dataclasses.field(default=5, metadata={"help": "depth of the default tree"})
+    tree_nodes: int = dataclasses.field(default=24, metadata={"help": "nodes of the default tree, root included"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+        if self.tree_depth < 1 or self.tree_nodes < 1:
+            raise ValueError(f"tree_depth and tree_nodes must be >= 1, got {self.tree_depth}, {self.tree_nodes}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (rotate-half form). x: [heads, N, D]; positions: [N]."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [N, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class DraftLayer(nn.Module):
+    """Pre-norm decoder layer whose attention reads and writes a one-layer ``KVStore``."""
+
+    def __init__(self, c: EagleConfig):
+        super().__init__()
+        self.c = c
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.post_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, H]
+        positions: torch.Tensor,  # [N]
+        store: KVStore | None = None,  # None: attend causally within x only (training)
+        offset: int = 0,  # rows past the store's committed length where x's K/V go
+        mask: torch.Tensor | None = None,  # [N, kv] bool; None = causal after the prefix
+    ) -> torch.Tensor:
+        n, c = x.shape[0], self.c
+        h = self.input_norm(x)
+        q = rotate(self.q_proj(h).view(n, c.num_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta)
+        k = rotate(self.k_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta)
+        v = self.v_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        if store is not None:
+            k, v = (t[0] for t in store.write(0, k[None], v[None], offset))  # [Hkv, S, D]
+        if mask is None:
+            mask = offset_causal_mask(n, k.shape[1], x.device)
+        attn = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)
+        x = x + self.o_proj(attn[0].transpose(0, 1).reshape(n, -1))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class EagleDrafter(Drafter):
+    kind = "eagle"
+    config_class = EagleConfig
+
+    def __init__(self, config: EagleConfig, shared: SharedModules):
+        super().__init__(config, shared)
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.layer = DraftLayer(config)
+
+    def default_paths(self) -> list[tuple[int, ...]]:
+        prior = prior_acceptance(self.config.tree_depth, top_k=8, first=0.7, decay=0.85)
+        return tree_from_acceptance(prior, self.config.tree_nodes).paths()
+
+    def begin(self, max_len: int) -> KVStore:
+        c = self.config
+        p = self.fc.weight
+        return KVStore(1, c.num_kv_heads, c.head_dim, max_len, dtype=p.dtype, device=p.device)
+
+    def step_input(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, H] target (or predicted) features + [N] next tokens -> [N, H] layer input."""
+        return self.fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(tokens).to(self.fc.weight.dtype)], -1))
+
+    def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced features for a whole sequence (training): [N, H], [N] -> [N, H]."""
+        positions = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.layer(self.step_input(hidden, next_tokens), positions)
+
+    def propose(self, state: KVStore, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers) -> Draft:
+        n = hidden.shape[0]
+        positions = torch.arange(state.length, state.length + n, device=hidden.device)
+        feats = self.layer(self.step_input(hidden, next_tokens), positions, state)  # [n, H]
+        state.commit(torch.arange(n))
+        return self._draft_tree(state, feats[-1], next_tokens[-1], tree)
+
+    def _draft_tree(self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, tree: TreeBuffers) -> Draft:
+        """Fill the tree depth by depth; nodes must be ordered by depth (build_tree does so)."""
+        t = tree.size
+        feats = root_feat.new_zeros(t, root_feat.shape[-1])  # [T, H] predicted feature per node
+        feats[0] = root_feat
+        tokens = torch.empty(t, dtype=torch.long, device=root_feat.device)
+        tokens[0] = root_token
+        bounds = [0, *torch.bincount(tree.depths).cumsum(0).tolist()]  # nodes of depth d: bounds[d]:bounds[d+1]
+        base = state.length - 1  # position of the root (the bonus token's pair)
+        for d in range(1, len(bounds) - 1):
+            lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
+            parents = tree.parents[lo:hi]
+            top = self.lm_head(feats[plo:lo]).topk(min(t, self.config.vocab_size), dim=-1).indices  # [n_{d-1}, k]
+            tokens[lo:hi] = top[parents - plo, tree.ranks[lo:hi]]
+            if hi < t:  # deeper nodes need these nodes' features
+                mask = torch.cat([tree.ancestor_mask.new_ones(hi - lo, state.length), tree.ancestor_mask[lo:hi, 1:hi]], 1)
+                x = self.step_input(feats[parents], tokens[lo:hi])
+                pos = torch.full((hi - lo,), base + d, device=x.device)
+                feats[lo:hi] = self.layer(x, pos, state, offset=lo - 1, mask=mask)
+        return Draft(tree=tree, tokens=tokens)
