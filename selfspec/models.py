@@ -10,6 +10,7 @@ through the same ``from_pretrained`` calls.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -80,8 +81,13 @@ def default_checkpoint() -> Path:
     if (out / "config.json").is_file():
         return out
     gguf = default_gguf()
-    model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, "cpu", gguf_file=gguf.name)
-    model.config.quantization_config = None  # dequantized weights; the checkpoint is plain fp32
+    gguf_model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, "cpu", gguf_file=gguf.name)
+    # transformers dequantizes GGUF on load but marks the model as quantized (not serializable):
+    # rebuild a plain model from the same config and weights, then save that.
+    config = copy.deepcopy(gguf_model.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
@@ -212,6 +218,6 @@ def load_drafter(name_or_path: str | os.PathLike, model: PreTrainedModel) -> Dra
         config = cls.config_class(**meta)
     except TypeError as e:
         raise ValueError(f"{directory / 'config.json'} has fields this selfspec does not know: {e}") from e
-    drafter = cls(config, shared_modules(model))
+    drafter = _place(cls(config, shared_modules(model)), model)  # dtype first: no lossy round trip
     load_weights(drafter, directory)
-    return _place(drafter, model)
+    return drafter

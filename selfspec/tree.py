@@ -14,6 +14,10 @@ The shape is given either as Medusa-style paths -- ``(0,)`` is the drafter's bes
 depth 1, ``(0, 1)`` the second-best candidate at depth 2 below it -- or as a parents array.
 The last element of a path is the node's *rank*: which of the drafter's candidates at that depth
 (conditioned on the parent for autoregressive drafters) the node takes.
+
+Dynamic trees (EAGLE-2) are grown per step from the drafter's confidences: ``expand_frontier``
+adds one depth to a ``DraftPool`` and picks the next frontier, ``select_nodes`` keeps the best
+``budget`` nodes of the pool, and ``grow_tree`` drives both (``medusa_proposer`` adapts Medusa heads).
 """
 
 from __future__ import annotations
@@ -319,6 +323,8 @@ def medusa_proposer(head_logprobs: torch.Tensor, head_tokens: torch.Tensor) -> P
         )
 
     def propose(pool: DraftPool, frontier: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if level >= head_logprobs.shape[0]:
+            raise ValueError(f"there are {head_logprobs.shape[0]} Medusa heads; grow at most that many levels")
         return head_logprobs[level], head_tokens[level]  # [K] each, broadcast over the frontier
 
     return propose

@@ -12,3 +12,56 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+TINY = {
+    # name: (model class, config class, extra config); GQA in all but "llama-mha".
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "llama-mha": (LlamaForCausalLM, LlamaConfig, {"num_key_value_heads": 4}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": None}),
+}
+
+
+def make_tiny(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0, vocab: int = 256):
+    """A random-weight tiny causal LM. fp64 by default so that greedy near-ties cannot flip the
+    comparison with HF generate through float reordering; the engine runs in the model's dtype."""
+    model_cls, config_cls, extra = TINY[arch]
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = config_cls(**{**sizes, **extra})
+    return model_cls(config).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    cache: dict = {}
+
+    def get(arch: str = "llama", dtype: torch.dtype = torch.float64):
+        if (arch, dtype) not in cache:
+            cache[arch, dtype] = make_tiny(arch, dtype)
+        return cache[arch, dtype]
+
+    return get
+
+
+def hf_greedy(model, ids, max_new_tokens, eos_token_id=None):
+    """The reference: transformers' own greedy decoding."""
+    return model.generate(
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(ids),
+    )

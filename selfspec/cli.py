@@ -1,0 +1,213 @@
+"""``selfspec`` command line: thin over the library.
+
+Every subcommand validates its arguments before loading a model; any error the user can act on
+is printed as one line (``selfspec: error: ...``) with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class UsageError(ValueError):
+    """Bad command-line input, caught before any model is loaded."""
+
+
+# ------------------------------------------------------------------------------------- generate
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text with speculative decoding",
+        description="Generate a reply with the tree-verify engine (greedy; output identical to the "
+        "model's own greedy decoding) and report speed and mean accepted length (tau).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user message (the chat template is applied for instruct models)")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 text file")
+    p.add_argument("--model", default="default",
+                   help="target: 'default' (SmolLM2-135M-Instruct, fetched on first use), a Hugging Face "
+                        "model id, a local checkpoint directory, or a .gguf file (default: %(default)s)")
+    p.add_argument("--drafter", default="default",
+                   help="'default' (the drafter shipped for the default model; none if this build ships "
+                        "none), 'none' (plain one-token steps), or a directory written by save_pretrained "
+                        "/ selfspec train (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text, without the chat template")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run Hugging Face generate and the engine without a drafter on the same "
+                        "prompt, check the outputs are identical, and print the speedup")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, new_tokens, tau, tokens_per_s, wall_s, ...) instead of streaming text")
+    p.set_defaults(run=run_generate, check=check_generate)
+
+
+def check_generate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise UsageError(f"--prompt-file {args.prompt_file} does not exist")
+        args.prompt = args.prompt_file.read_text(encoding="utf-8")
+    if not args.prompt or not args.prompt.strip():
+        raise UsageError("the prompt is empty; pass some text with --prompt or --prompt-file")
+    check_model_arg(args.model)
+    if args.drafter not in ("default", "none") and not Path(args.drafter).expanduser().is_dir():
+        raise UsageError(f"--drafter {args.drafter} is not a directory; pass 'default', 'none' or a saved drafter directory")
+
+
+def check_model_arg(model: str) -> None:
+    from selfspec.models import HUB_ID
+
+    path = Path(model).expanduser()
+    if model == "default" or path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
+        return
+    if path.suffix == ".gguf":
+        raise UsageError(f"--model {model}: GGUF file not found")
+    if not HUB_ID.match(model) or path.exists():
+        raise UsageError(f"--model {model!r} is neither 'default', a .gguf file, a local directory, nor a hub id")
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool):
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        return enc["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def pick_drafter(name: str, model: Any, quiet: bool = False):
+    """'none' -> None; 'default' -> the shipped drafter if this build has one, else None."""
+    import selfspec
+    from selfspec.models import resolve_drafter_dir
+
+    if name == "none":
+        return None
+    if name == "default":
+        try:
+            resolve_drafter_dir("default")
+        except FileNotFoundError:
+            if not quiet:
+                print("selfspec: no default drafter shipped; decoding without one", file=sys.stderr)
+            return None
+    return selfspec.load_drafter(name, model)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    import selfspec
+
+    model, tokenizer = selfspec.load_target(args.model, dtype=args.dtype, device=args.device)
+    drafter = pick_drafter(args.drafter, model, quiet=args.json)
+    ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
+    streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=args.max_new_tokens, streamer=streamer)
+    s = result.stats
+    report: dict[str, Any] = {
+        "text": tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True),
+        "new_tokens": s.new_tokens, "tau": round(s.mean_accepted_length, 4), "tokens_per_s": round(s.tokens_per_s, 3),
+        "wall_s": round(s.wall_s, 4), "steps": s.steps, "accepted_hist": s.accepted_hist,
+        "prompt_tokens": int(ids.shape[1]), "model": args.model,
+        "drafter": "none" if drafter is None else args.drafter, "device": str(model.device),
+    }
+    if args.compare:
+        report.update(compare(model, ids, args.max_new_tokens, result, torch))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_summary(report)
+    return 0
+
+
+def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any) -> dict[str, Any]:
+    """HF generate and the drafter-less engine on the same prompt, for the speedup line."""
+    import selfspec
+
+    start = time.perf_counter()
+    ref = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                         attention_mask=torch.ones_like(ids).to(model.device))
+    hf_s = time.perf_counter() - start
+    plain = selfspec.generate(model, ids, drafter=None, max_new_tokens=max_new_tokens)
+    hf_tps = (ref.shape[1] - ids.shape[1]) / hf_s
+    return {
+        "hf_tokens_per_s": round(hf_tps, 3),
+        "engine_tokens_per_s": round(plain.stats.tokens_per_s, 3),
+        "speedup_vs_hf": round(result.stats.tokens_per_s / hf_tps, 3),
+        "speedup_vs_engine": round(result.stats.tokens_per_s / plain.stats.tokens_per_s, 3),
+        "identical_to_hf": bool(torch.equal(result.sequences.cpu(), ref.cpu())),
+    }
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    line = (f"\n[selfspec] {r['new_tokens']} tokens in {r['wall_s']:.2f}s = {r['tokens_per_s']:.1f} tok/s, "
+            f"tau {r['tau']:.2f} over {r['steps']} verify steps, drafter: {r['drafter']}")
+    print(line, file=sys.stderr)
+    if "speedup_vs_hf" in r:
+        print(f"[selfspec] HF generate {r['hf_tokens_per_s']:.1f} tok/s, engine without drafter "
+              f"{r['engine_tokens_per_s']:.1f} tok/s -> speedup {r['speedup_vs_hf']:.2f}x vs HF, "
+              f"{r['speedup_vs_engine']:.2f}x vs no drafter; output identical to HF: {r['identical_to_hf']}",
+              file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ main
+# Other subcommands (train, eval, export) register here with the same (add, check, run) shape.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate]
+
+
+def _optional_subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    found = []
+    for module, name in (("selfspec.training.cli", "add_train"), ("selfspec.training.cli", "add_export"),
+                         ("selfspec.eval.cli", "add_eval")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        if hasattr(mod, name):
+            found.append(getattr(mod, name))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfspec",
+        description="Lossless self-speculative decoding for Hugging Face causal LMs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS + _optional_subcommands():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.check(args)
+        return args.run(args)
+    except UsageError as e:
+        print(f"selfspec: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"selfspec: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("selfspec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
