@@ -8,6 +8,7 @@
 
 from selfspec.drafters import Drafter, EagleDrafter, MedusaDrafter
 from selfspec.generate import GenerationResult, Stats, generate
+from selfspec.hf import Features, target_features
 from selfspec.models import load_drafter, load_target, new_drafter
 from selfspec.tree import TreeBuffers, build_tree, chain, tree_from_parents
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Drafter",
     "EagleDrafter",
+    "Features",
     "GenerationResult",
     "MedusaDrafter",
     "Stats",
@@ -26,5 +28,6 @@ __all__ = [
     "load_drafter",
     "load_target",
     "new_drafter",
+    "target_features",
     "tree_from_parents",
 ]

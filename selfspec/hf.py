@@ -237,3 +237,18 @@ def target_forward(
         selfspec_tree=tree,
     )
     return TargetOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
+
+
+@dataclass(frozen=True)
+class Features:
+    hidden: torch.Tensor  # [B, N, H] the last hidden state the drafters read (what lm_head reads)
+    logits: torch.Tensor  # [B, N, V] the target's logits
+    layers: tuple[torch.Tensor, ...]  # the embeddings' and every layer's output, [B, N, H] each
+
+
+@torch.no_grad()
+def target_features(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Features:
+    """The frozen target's features for whole sequences (training, calibration): the same hidden
+    state ``generate`` hands the drafters, plus logits and per-layer states (EAGLE-3 fusion)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    return Features(hidden=out.hidden_states[-1], logits=out.logits, layers=tuple(out.hidden_states))
