@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars; our own output says what happens
+    hf_logging.set_verbosity_error()
     try:
         args.check(args)
         return args.run(args)

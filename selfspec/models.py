@@ -80,6 +80,7 @@ def default_checkpoint() -> Path:
     out = cache_dir() / "models" / DEFAULT_NAME
     if (out / "config.json").is_file():
         return out
+    print(f"selfspec: preparing the default model {DEFAULT_NAME} in {out.parent} (first use only)", file=sys.stderr)
     gguf = default_gguf()
     gguf_model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, "cpu", gguf_file=gguf.name)
     # transformers dequantizes GGUF on load but marks the model as quantized (not serializable):

@@ -1,0 +1,87 @@
+"""`selfspec generate`: JSON output, the speedup comparison, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import selfspec
+from selfspec.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json(capsys, tiny_checkpoint):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "the quick fox",
+                         "--max-new-tokens", "12", "--drafter", "none", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert {"text", "new_tokens", "tau", "tokens_per_s", "wall_s"} <= set(report)
+    assert 1 <= report["new_tokens"] <= 12 and report["tau"] == 1.0 and report["drafter"] == "none"
+
+
+def test_generate_with_saved_drafter_and_compare(capsys, tiny_checkpoint, tmp_path):
+    model, _ = selfspec.load_target(str(tiny_checkpoint))
+    selfspec.new_drafter("eagle", model).save_pretrained(tmp_path / "d")
+    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "lazy dog",
+                         "--max-new-tokens", "16", "--drafter", str(tmp_path / "d"), "--json", "--compare")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["identical_to_hf"] is True
+    assert report["speedup_vs_hf"] > 0 and report["engine_tokens_per_s"] > 0
+
+
+def test_generate_streams_text(capsys, tiny_checkpoint):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "brown",
+                         "--max-new-tokens", "8", "--drafter", "none")
+    assert code == 0, err
+    assert "[selfspec]" in err and "tok/s" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "   "], "the prompt is empty"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+        (["--prompt", "hi", "--model", "no such model!"], "is neither 'default'"),
+        (["--prompt", "hi", "--model", "/nonexistent/model.gguf"], "GGUF file not found"),
+        (["--prompt", "hi", "--drafter", "/nonexistent/drafter"], "is not a directory"),
+    ],
+)
+def test_bad_input_is_one_line_before_loading(capsys, argv, message):
+    code, out, err = run(capsys, "generate", *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("selfspec: error:") and message in err
+
+
+def test_prompt_longer_than_context(capsys, tiny_checkpoint):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--no-chat-template",
+                       "--prompt", "the quick brown fox " * 200, "--drafter", "none")
+    assert code == 1 and "exceeds the model context" in err and err.count("\n") == 1
+
+
+def test_mismatched_drafter(capsys, tiny_checkpoint, tmp_path, tiny_models):
+    selfspec.new_drafter("medusa", tiny_models("qwen2")).save_pretrained(tmp_path / "d")
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--drafter", str(tmp_path / "d"))
+    assert code == 1 and "but the target has" in err and err.count("\n") == 1
+
+
+def test_corrupt_drafter(capsys, tiny_checkpoint, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text("{oops")
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--drafter", str(tmp_path / "d"))
+    assert code == 1 and "not valid JSON" in err
+
+
+def test_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--prompt", "--prompt-file", "--model", "--drafter", "--max-new-tokens", "--json", "--compare",
+                 "--no-chat-template", "--dtype", "--device"):
+        assert flag in out.stdout
