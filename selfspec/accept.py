@@ -163,7 +163,9 @@ def _speculative_step(
     return accept, residual / mass.clamp(min=_TINY)[:, None]
 
 
-def _proposal(draft_probs: torch.Tensor | None, node: torch.Tensor, x: torch.Tensor, tried: torch.Tensor) -> torch.Tensor:
+def _proposal(
+    draft_probs: torch.Tensor | None, node: torch.Tensor, x: torch.Tensor, tried: torch.Tensor
+) -> torch.Tensor:
     """The distribution q [B, V] that candidate token x [B] (at tree node [B]) was drawn from."""
     if draft_probs is None:
         return torch.nn.functional.one_hot(x, tried.shape[1]).float()  # deterministic candidate
@@ -194,23 +196,28 @@ def _check_sample_inputs(
 ) -> tuple[int, int, int]:
     """(B, T, V) after checking shapes, and sibling distinctness when draft_probs is given."""
     if target_probs.ndim != 3:
-        raise ValueError(f"target_probs must be [B, T, V] (or [T, V] for sample_accept), got {tuple(target_probs.shape)}")
+        raise ValueError(
+            f"target_probs must be [B, T, V] (or [T, V] for sample_accept), got {tuple(target_probs.shape)}"
+        )
     b, t, v = target_probs.shape
     if t != tree.size or tuple(tokens.shape) != (b, t):
         raise ValueError(
-            f"tree has {tree.size} nodes, target_probs {tuple(target_probs.shape)} and tokens {tuple(tokens.shape)}; "
-            "pass one target row and one token per tree node"
+            f"tree has {tree.size} nodes, target_probs {tuple(target_probs.shape)} and tokens "
+            f"{tuple(tokens.shape)}; pass one target row and one token per tree node"
         )
     if draft_probs is None:
         return b, t, v
     if draft_probs.shape != target_probs.shape:
-        raise ValueError(f"draft_probs has shape {tuple(draft_probs.shape)}, expected {tuple(target_probs.shape)}")
+        raise ValueError(
+            f"draft_probs has shape {tuple(draft_probs.shape)}, expected {tuple(target_probs.shape)}"
+        )
     parents = tree.parents.to(tokens.device)
     siblings = (parents[:, None] == parents[None, :]) & ~torch.eye(t, dtype=torch.bool, device=tokens.device)
     if bool((siblings & (tokens[:, :, None] == tokens[:, None, :])).any()):
         raise ValueError(
             "two siblings carry the same token; with draft_probs, siblings must be drawn without replacement "
-            "(torch.multinomial(q, k, replacement=False)); pass draft_probs=None for deterministic (top-k) candidates"
+            "(torch.multinomial(q, k, replacement=False)); pass draft_probs=None for deterministic (top-k) "
+            "candidates"
         )
     return b, t, v
 
@@ -234,7 +241,9 @@ def typical_accept(
     exactly ``greedy_accept``). Opt in only when speed matters more than faithful sampling.
     """
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}; pass 0 for greedy typical acceptance")
+        raise ValueError(
+            f"temperature must be >= 0, got {temperature!r}; pass 0 for greedy typical acceptance"
+        )
     probs = warp_logits(target_logits, SamplingConfig(temperature=float(temperature)))  # [T, V]
     entropy = -torch.xlogy(probs, probs).sum(-1)  # [T]
     threshold = (posterior_alpha * torch.exp(-entropy)).clamp(max=posterior_threshold)  # [T]

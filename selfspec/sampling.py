@@ -7,7 +7,8 @@ in fp32. The drafter's candidates are drawn from (or ranked by) the same warping
 logits; the acceptance rule only needs both as probability vectors.
 
 Temperature 0 means greedy: the warped distribution is a point mass on the argmax (first index on
-ties, as ``torch.argmax``), so the sampling acceptance rule then reduces to exact greedy acceptance.
+ties, as ``torch.argmax``), so sampling acceptance with deterministic candidates then reduces to
+exact greedy acceptance.
 
 Everything is vectorized over leading dimensions: one call warps the logits of every tree node.
 torch only; no models, no I/O.
@@ -16,8 +17,8 @@ torch only; no models, no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -30,24 +31,37 @@ class SamplingConfig:
     """How to turn logits into the distribution the next token is drawn from."""
 
     temperature: float = field(default=0.0, metadata={"help": "softmax temperature; 0 means greedy decoding"})
-    top_k: int = field(default=0, metadata={"help": "keep only the k most likely tokens (ties kept); 0 turns it off"})
-    top_p: float = field(
-        default=1.0, metadata={"help": "keep the smallest set of most likely tokens holding this much mass; 1 turns it off"}
+    top_k: int = field(
+        default=0, metadata={"help": "keep only the k most likely tokens (ties kept); 0 turns it off"}
     )
-    seed: int | None = field(default=None, metadata={"help": "seed of the sampling generator; None draws from torch's global RNG"})
+    top_p: float = field(
+        default=1.0,
+        metadata={
+            "help": "keep the smallest set of most likely tokens holding this much mass; 1 turns it off"
+        },
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "seed of the sampling generator; None draws from torch's global RNG"}
+    )
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0
+        ):
             raise ValueError(
-                f"temperature must be a finite number >= 0, got {self.temperature!r}; pass 0 for greedy decoding "
-                "or a positive value (e.g. 0.7) to sample"
+                f"temperature must be a finite number >= 0, got {self.temperature!r}; "
+                "pass 0 for greedy decoding or a positive value (e.g. 0.7) to sample"
             )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}; pass 0 to turn top-k filtering off")
+            raise ValueError(
+                f"top_k must be an integer >= 0, got {self.top_k!r}; pass 0 to turn top-k filtering off"
+            )
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(
-                f"top_p must be in (0, 1], got {self.top_p!r}; pass 1.0 to turn nucleus filtering off or e.g. 0.9 "
-                "to keep the most likely tokens holding 90% of the mass"
+                f"top_p must be in (0, 1], got {self.top_p!r}; pass 1.0 to turn nucleus filtering off "
+                "or e.g. 0.9 to keep the most likely tokens holding 90% of the mass"
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")

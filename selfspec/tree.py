@@ -199,7 +199,7 @@ class DraftPool:
     ranks: torch.Tensor  # [N] int64, the node's rank in its parent's top-k; -1 for the root
 
     @staticmethod
-    def root(token: int | torch.Tensor, device: torch.device | str | None = None) -> "DraftPool":
+    def root(token: int | torch.Tensor, device: torch.device | str | None = None) -> DraftPool:
         """A pool holding only the root."""
         token = torch.as_tensor(token, dtype=torch.long, device=device).reshape(1)
         return DraftPool(
@@ -272,6 +272,11 @@ def select_nodes(
         raise ValueError(f"parents {tuple(parents.shape)} and scores {tuple(scores.shape)} must both be [N]")
     if bool(scores.isnan().any()):
         raise ValueError("scores contain NaN; pass cumulative log-probs (use -inf for impossible nodes)")
+    idx = torch.arange(parents.numel(), device=parents.device)
+    if parents[0].item() != -1 or not bool(((parents[1:] >= 0) & (parents[1:] < idx[1:])).all()):
+        raise ValueError(
+            "node 0 must be the root (parents[0] == -1) and every other node's parent must be an earlier node"
+        )
     rank_key = _path_min(parents, scores.double())
     rank_key[0] = torch.inf  # the root is always verified
     kept = rank_key.sort(descending=True, stable=True).indices[:budget].sort().values  # [M]
@@ -303,8 +308,10 @@ def grow_tree(
     (EAGLE: run the draft model on the frontier nodes; Medusa: ``medusa_proposer``) and keeps the
     ``expand`` best children as the next frontier. Returns the tree and its node tokens [T].
     """
-    if depth < 0:
-        raise ValueError(f"depth must be >= 0, got {depth}")
+    # Checked before any drafter call, which is where the time goes.
+    for name, value, least in (("depth", depth, 0), ("expand", expand, 1), ("budget", budget, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     pool = DraftPool.root(root_token)
     frontier = torch.zeros(1, dtype=torch.long, device=pool.tokens.device)
     for level in range(depth):
@@ -319,12 +326,14 @@ def medusa_proposer(head_logprobs: torch.Tensor, head_tokens: torch.Tensor) -> P
     the same candidates below every node at depth d, whatever the parent."""
     if head_logprobs.shape != head_tokens.shape or head_logprobs.ndim != 2:
         raise ValueError(
-            f"head_logprobs {tuple(head_logprobs.shape)} and head_tokens {tuple(head_tokens.shape)} must both be [D, K]"
+            f"head_logprobs {tuple(head_logprobs.shape)} and head_tokens {tuple(head_tokens.shape)} "
+            "must both be [D, K]"
         )
 
     def propose(pool: DraftPool, frontier: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         if level >= head_logprobs.shape[0]:
-            raise ValueError(f"there are {head_logprobs.shape[0]} Medusa heads; grow at most that many levels")
+            n = head_logprobs.shape[0]
+            raise ValueError(f"there are {n} Medusa heads; grow at most that many levels")
         return head_logprobs[level], head_tokens[level]  # [K] each, broadcast over the frontier
 
     return propose
