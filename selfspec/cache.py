@@ -35,6 +35,7 @@ class KVStore:
         dtype: torch.dtype,
         device: torch.device | str,
         batch_size: int = 1,
+        use_kernel: bool = False,
     ):
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -42,6 +43,9 @@ class KVStore:
             num_layers, 2, batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device
         )  # [NL, 2, B, Hkv, S, D]
         self.length = 0  # committed rows, the same for every sequence (batch 1 engine)
+        if use_kernel and not HAS_TRITON:
+            raise RuntimeError("use_kernel=True needs triton; install it or use the torch reference")
+        self.use_kernel = use_kernel  # Triton commit kernel (CUDA, or CPU under TRITON_INTERPRET)
 
     @property
     def max_len(self) -> int:
@@ -75,8 +79,7 @@ class KVStore:
             lengths = torch.full((self.kv.shape[2],), self.length, dtype=torch.int32, device=self.kv.device)
             src = path.to(self.kv.device, torch.long).expand(self.kv.shape[2], n)
             count = torch.full_like(lengths, n)
-            use_kernel = HAS_TRITON and self.kv.is_cuda
-            (kv_commit if use_kernel else kv_commit_reference)(self.kv, lengths, src, count)
+            (kv_commit if self.use_kernel else kv_commit_reference)(self.kv, lengths, src, count)
         self.length += n
 
     def truncate(self, length: int) -> None:

@@ -208,6 +208,7 @@ def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
         max_len=max_len,
         dtype=model.dtype,
         device=model.device,
+        use_kernel=attention_backend(model.device) == "triton",
     )
 
 
