@@ -17,11 +17,14 @@ from typing import Any, Iterable
 import torch
 from transformers import PreTrainedModel
 
-from selfspec.accept import greedy_accept
+from selfspec.accept import Acceptance, greedy_accept, sample_accept, typical_accept
 from selfspec.drafters import Draft, Drafter
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, sliding_window
 from selfspec.hf import target_forward
-from selfspec.tree import TreeBuffers, chain
+from selfspec.sampling import LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
+from selfspec.tree import DynamicTree, TreeBuffers, chain
+
+ACCEPTANCE = ("exact", "typical")
 
 ROOT_ONLY = chain(0)
 
@@ -60,6 +63,51 @@ class Stats:
 class GenerationResult:
     sequences: torch.Tensor  # [1, prompt + new] int64
     stats: Stats
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How each step turns target logits into accepted tokens (one object for the whole loop)."""
+
+    sampling: SamplingConfig
+    acceptance: str = "exact"  # "exact" (lossless) or "typical" (Medusa's, lossy)
+    logits_processor: LogitsProcessor | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.sampling.greedy and self.acceptance == "exact" and self.logits_processor is None
+
+    def first_token(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The token after the prompt from its last logits [V]; returns [1]."""
+        if self.plain_greedy:
+            return logits.argmax()[None]
+        probs = warp_logits(logits[None], self.sampling, self.logits_processor, ids[None])
+        return sample_tokens(probs, self.generator)
+
+    def accept(self, logits: torch.Tensor, draft: Draft, committed: torch.Tensor) -> Acceptance:
+        """logits [T, V] at every node; committed [L] the tokens before the root."""
+        if self.plain_greedy:
+            return greedy_accept(logits, draft.tokens, draft.tree)
+        if self.acceptance == "typical":
+            return typical_accept(logits, draft.tokens, draft.tree, self.sampling.temperature, generator=self.generator)
+        probs = _warp_tree(logits, draft, committed, self)
+        return sample_accept(probs, draft.tokens, draft.tree, None, self.generator)
+
+
+def _warp_tree(logits: torch.Tensor, draft: Draft, committed: torch.Tensor, dec: Decoding) -> torch.Tensor:
+    """Warped target distribution at every node [T, V]. A logits processor sees each node's own
+    context (committed tokens + the node's path), one call per depth (equal lengths)."""
+    if dec.logits_processor is None:
+        return warp_logits(logits, dec.sampling)
+    tree, probs = draft.tree, torch.empty_like(logits, dtype=torch.float32)
+    paths = torch.where(tree.ancestor_mask, draft.tokens[None, :], -1)  # [T, T] path tokens, -1 elsewhere
+    for d in range(tree.max_depth + 1):
+        nodes = (tree.depths == d).nonzero().flatten()
+        context = paths[nodes][paths[nodes] >= 0].view(nodes.numel(), d + 1)  # [n_d, d+1] root..node
+        ids = torch.cat([committed.expand(nodes.numel(), -1), context], 1)
+        probs[nodes] = warp_logits(logits[nodes], dec.sampling, dec.logits_processor, ids)
+    return probs
 
 
 def _eos_set(model: PreTrainedModel, eos_token_id: int | Iterable[int] | None) -> set[int]:
@@ -102,6 +150,37 @@ def _stream(streamer: Any, tokens: torch.Tensor) -> None:
         streamer.put(tokens.cpu())
 
 
+TreeArg = TreeBuffers | DynamicTree | str | int | None
+
+
+def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel) -> TreeBuffers | DynamicTree:
+    """None/"static": the drafter's (calibrated) static tree; "dynamic": a per-step tree of the
+    default budget; an int N: dynamic with N nodes; "auto": the budget measured fastest here."""
+    if drafter is None:
+        return ROOT_ONLY  # one token per step: nothing is drafted
+    if tree is None or tree == "static":
+        return drafter.tree
+    if isinstance(tree, (TreeBuffers, DynamicTree)):
+        return tree
+    if tree == "dynamic":
+        return DynamicTree()
+    if tree == "auto":
+        from selfspec.autotune import auto_tree
+
+        return auto_tree(model, drafter)
+    if isinstance(tree, int) and not isinstance(tree, bool):
+        if tree < 1:
+            raise ValueError(f"tree size must be >= 1 node, got {tree}")
+        return DynamicTree(budget=tree)
+    raise ValueError(f"tree={tree!r} is not understood; pass 'static', 'dynamic', 'auto', a node count, "
+                     "or a TreeBuffers / DynamicTree")
+
+
+def _tree_rows(tree: TreeBuffers | DynamicTree) -> int:
+    """Scratch cache rows one step may write past the committed ones."""
+    return tree.pool_size if isinstance(tree, DynamicTree) else tree.size
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -110,36 +189,56 @@ def generate(
     max_new_tokens: int = 128,
     eos_token_id: int | Iterable[int] | None = None,
     streamer: Any = None,
-    tree: TreeBuffers | None = None,
+    tree: TreeArg = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    logits_processor: LogitsProcessor | None = None,
+    acceptance: str = "exact",
 ) -> GenerationResult:
-    """Greedy speculative decoding; the output equals ``model.generate(do_sample=False)``.
+    """Speculative decoding. Greedy output equals ``model.generate(do_sample=False)``; with
+    ``temperature > 0`` the output follows the target's (warped) distribution exactly.
 
     input_ids: [1, n] or [n]. drafter: None decodes one token per step through the same engine.
-    tree: the static draft tree (default: the drafter's own). streamer: a transformers streamer
-    (``TextStreamer``/``TextIteratorStreamer``); it receives the prompt first, as with HF generate.
+    tree: "static" (default: the drafter's own tree), "dynamic", a node budget (dynamic), "auto",
+    or a TreeBuffers / DynamicTree. temperature/top_k/top_p: warping applied identically to the
+    target and the drafter; seed: reproducible sampling; logits_processor: a transformers
+    ``LogitsProcessorList`` (or any ``(input_ids, scores) -> scores``) applied to every node with
+    its own context. acceptance: "exact" (lossless) or "typical" (Medusa's typical acceptance,
+    faster but lossy: the output no longer follows the target's distribution exactly).
+    streamer: a transformers streamer; it receives the prompt first, as with HF generate.
     """
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompt = _prompt(input_ids).to(model.device)
-    if drafter is None:
-        tree = ROOT_ONLY  # one token per step: nothing is drafted
-    tree = (tree if tree is not None else drafter.tree).to(model.device)
-    check_lengths(model, prompt.numel(), max_new_tokens, tree.size)
-    eos = _eos_set(model, eos_token_id)
+    check_lengths(model, prompt.numel(), max_new_tokens, 1)
+    tree = resolve_tree(tree, drafter, model)
+    tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
+    check_lengths(model, prompt.numel(), max_new_tokens, _tree_rows(tree))
+    dec = Decoding(sampling, acceptance, logits_processor, sampling.make_generator(model.device))
+    return _run(model, prompt, drafter, tree, max_new_tokens, _eos_set(model, eos_token_id), streamer, dec)
+
+
+def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> GenerationResult:
     start = time.perf_counter()
-    stats = Stats(tree_nodes=tree.size)
+    stats = Stats(tree_nodes=tree.budget if isinstance(tree, DynamicTree) else tree.size)
     _stream(streamer, prompt[None])
-    max_len = prompt.numel() + max_new_tokens + tree.size
+    max_len = prompt.numel() + max_new_tokens + _tree_rows(tree)
     with selfspec_attention(model):
         cache = StoreCache(new_store(model, max_len))
         state = drafter.begin(max_len) if drafter is not None else None
         first = target_forward(model, cache, prompt)
         cache.store.commit(torch.arange(prompt.numel()))
-        token = first.logits[-1].argmax()[None]  # [1]
+        token = dec.first_token(first.logits[-1], prompt)  # [1]
         stats.prefill_s = time.perf_counter() - start
-        out = _decode(model, cache, drafter, state, tree, first.hidden, torch.cat([prompt[1:], token]),
-                      max_new_tokens, eos, streamer, stats)
+        loop = _Loop(model, cache, drafter, state, tree, dec, prompt)
+        out = loop.run(first.hidden, torch.cat([prompt[1:], token]), max_new_tokens, eos, streamer, stats)
     if streamer is not None:
         streamer.end()
-    stats.finish(out.numel(), time.perf_counter() - start, tree.max_depth)
+    depth = tree.depth if isinstance(tree, DynamicTree) else tree.max_depth
+    stats.finish(out.numel(), time.perf_counter() - start, depth)
     return GenerationResult(sequences=torch.cat([prompt, out])[None], stats=stats)
 
 
@@ -151,26 +250,46 @@ def _truncate(new: list[int], room: int, eos: set[int]) -> tuple[list[int], bool
     return new[:room], len(new) >= room
 
 
-def _decode(model, cache, drafter, state, tree, hidden, next_tokens, max_new_tokens, eos, streamer, stats):
-    """The step loop after prefill. hidden [n, H] / next_tokens [n]: newly committed positions."""
-    backend = attention_backend(model.device)
-    produced: list[int] = []
-    new = next_tokens[-1:].tolist()
-    while True:
-        new, done = _truncate(new, max_new_tokens - len(produced), eos)
-        produced += new
-        _stream(streamer, torch.tensor(new))
-        if done:
-            return torch.tensor(produced, device=model.device)
-        if drafter is not None:
-            draft = drafter.propose(state, hidden, next_tokens, tree)
+@dataclass
+class _Loop:
+    """The step loop after prefill."""
+
+    model: PreTrainedModel
+    cache: StoreCache
+    drafter: Drafter | None
+    state: Any
+    tree: TreeBuffers | DynamicTree
+    dec: Decoding
+    prompt: torch.Tensor  # [n]
+
+    def run(self, hidden, next_tokens, max_new_tokens, eos, streamer, stats) -> torch.Tensor:
+        """hidden [n, H] / next_tokens [n]: the newly committed positions. Returns new tokens [m]."""
+        backend = attention_backend(self.model.device)
+        produced: list[int] = []
+        new = next_tokens[-1:].tolist()
+        while True:
+            new, done = _truncate(new, max_new_tokens - len(produced), eos)
+            produced += new
+            _stream(streamer, torch.tensor(new))
+            if done:
+                return torch.tensor(produced, device=self.model.device)
+            next_tokens, hidden = self.step(hidden, next_tokens, produced, backend)
+            new = next_tokens.tolist()
+            stats.record_step(len(new))
+
+    def step(self, hidden, next_tokens, produced, backend):
+        """Draft, verify in one forward, accept, commit. Returns the kept tokens + bonus [k] and
+        the target's hidden state at each kept node [k, H]."""
+        if self.drafter is not None:
+            draft = self.drafter.propose(self.state, hidden, next_tokens, self.tree)
         else:
-            draft = Draft(tree=tree, tokens=next_tokens[-1:])
+            draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
         mask = TreeMask(draft.tree.ancestor_mask, backend) if draft.tree.size > 1 else None
-        out = target_forward(model, cache, draft.tokens, draft.tree.depths, mask)
-        acc = greedy_accept(out.logits, draft.tokens, draft.tree)
-        cache.store.commit(acc.path)
-        next_tokens = torch.cat([draft.tokens[acc.path[1:]], acc.bonus[None]])  # [n] drafted kept + bonus
-        hidden = out.hidden[acc.path]  # [n, H]: the target's state at each kept node
-        new = next_tokens.tolist()
-        stats.record_step(len(new))
+        out = target_forward(self.model, self.cache, draft.tokens, draft.tree.depths, mask)
+        committed = None
+        if not self.dec.plain_greedy and self.dec.logits_processor is not None:
+            committed = torch.cat([self.prompt, torch.tensor(produced[:-1], dtype=torch.long, device=self.prompt.device)])
+        acc = self.dec.accept(out.logits, draft, committed)
+        self.cache.store.commit(acc.path)
+        kept = torch.cat([draft.tokens[acc.path[1:]], acc.bonus.reshape(1)])  # drafted kept + bonus
+        return kept, out.hidden[acc.path]

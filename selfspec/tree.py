@@ -337,3 +337,23 @@ def medusa_proposer(head_logprobs: torch.Tensor, head_tokens: torch.Tensor) -> P
         return head_logprobs[level], head_tokens[level]  # [K] each, broadcast over the frontier
 
     return propose
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """How to grow a per-step tree from the drafter's confidences (EAGLE-2 style)."""
+
+    depth: int = 6  # levels drafted below the root
+    top_k: int = 8  # children proposed per expanded node
+    expand: int = 8  # frontier nodes expanded per level (best by cumulative log-prob)
+    budget: int = 32  # nodes verified by the target, root included
+
+    def __post_init__(self):
+        for name, least in (("depth", 1), ("top_k", 1), ("expand", 1), ("budget", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"DynamicTree.{name} must be >= {least}, got {getattr(self, name)}")
+
+    @property
+    def pool_size(self) -> int:
+        """Nodes drafted before selection, root included."""
+        return 1 + self.top_k + (self.depth - 1) * self.expand * self.top_k

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from selfspec.cache import KVStore, offset_causal_mask
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
-from selfspec.tree import TreeBuffers, prior_acceptance, tree_from_acceptance
+from selfspec.tree import DraftPool, DynamicTree, TreeBuffers, grow_tree, prior_acceptance, tree_from_acceptance
 
 
 @dataclass
@@ -133,12 +133,22 @@ class EagleDrafter(Drafter):
         positions = torch.arange(hidden.shape[0], device=hidden.device)
         return self.layer(self.step_input(hidden, next_tokens), positions)
 
-    def propose(self, state: KVStore, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers) -> Draft:
+    def propose(
+        self, state: KVStore, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers | DynamicTree
+    ) -> Draft:
         n = hidden.shape[0]
         positions = torch.arange(state.length, state.length + n, device=hidden.device)
         feats = self.layer(self.step_input(hidden, next_tokens), positions, state)  # [n, H]
         state.commit(torch.arange(n))
+        if isinstance(tree, DynamicTree):
+            return self._draft_dynamic(state, feats[-1], next_tokens[-1], tree)
         return self._draft_tree(state, feats[-1], next_tokens[-1], tree)
+
+    def _draft_dynamic(self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, spec: DynamicTree) -> Draft:
+        """EAGLE-2: expand the most confident nodes level by level, verify the best ``budget``."""
+        tree, tokens = grow_tree(root_token, _DynamicExpander(self, state, root_feat, spec), spec.depth,
+                                 spec.expand, spec.budget)
+        return Draft(tree=tree, tokens=tokens)
 
     def _draft_tree(self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, tree: TreeBuffers) -> Draft:
         """Fill the tree depth by depth; nodes must be ordered by depth (build_tree does so)."""
@@ -160,3 +170,41 @@ class EagleDrafter(Drafter):
                 pos = torch.full((hi - lo,), base + d, device=x.device)
                 feats[lo:hi] = self.layer(x, pos, state, offset=lo - 1, mask=mask)
         return Draft(tree=tree, tokens=tokens)
+
+
+class _DynamicExpander:
+    """The ``Proposer`` of one dynamic step: runs the draft layer on each new frontier.
+
+    Frontier nodes get their K/V written contiguously after the drafter's committed rows (in the
+    order they are expanded); each attends to the committed rows and to its expanded ancestors.
+    """
+
+    def __init__(self, drafter: EagleDrafter, state: KVStore, root_feat: torch.Tensor, spec: DynamicTree):
+        self.d, self.state, self.spec = drafter, state, spec
+        n = spec.pool_size
+        self.feats = root_feat.new_zeros(n, root_feat.shape[-1])  # [N, H] predicted feature per pool node
+        self.feats[0] = root_feat
+        self.row = torch.full((n,), -1, dtype=torch.long, device=root_feat.device)  # pool node -> KV row
+        self.anc = torch.zeros(n, 1 + spec.depth * spec.expand, dtype=torch.bool, device=root_feat.device)
+        self.rows = 0  # rows written past the committed ones
+        self.base = state.length - 1  # position of the root's pair
+
+    def __call__(self, pool: DraftPool, frontier: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if level > 0:
+            self._forward(pool, frontier, level)
+        logprobs = self.d.lm_head(self.feats[frontier]).float().log_softmax(-1)  # [F, V]
+        top = logprobs.topk(self.spec.top_k, dim=-1)
+        return top.values, top.indices
+
+    def _forward(self, pool: DraftPool, frontier: torch.Tensor, level: int) -> None:
+        f, parents = frontier.numel(), pool.parents[frontier]
+        rows = torch.arange(self.rows, self.rows + f, device=frontier.device)
+        self.row[frontier] = rows
+        self.anc[frontier] = self.anc[parents]  # ancestors' rows (the root has none here)
+        self.anc[frontier, rows] = True
+        width = self.rows + f
+        mask = torch.cat([self.anc.new_ones(f, self.state.length), self.anc[frontier, :width]], 1)
+        x = self.d.step_input(self.feats[parents], pool.tokens[frontier])
+        pos = torch.full((f,), self.base + level, device=x.device)
+        self.feats[frontier] = self.d.layer(x, pos, self.state, offset=self.rows, mask=mask)
+        self.rows = width

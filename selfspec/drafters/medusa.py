@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
-from selfspec.tree import TreeBuffers, prior_acceptance, tree_from_acceptance
+from selfspec.tree import DynamicTree, TreeBuffers, grow_tree, medusa_proposer, prior_acceptance, tree_from_acceptance
 
 
 @dataclass
@@ -66,7 +66,11 @@ class MedusaDrafter(Drafter):
         """[N, H] -> [N, K, H]: each head's transformed state (read with the shared lm_head)."""
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
-    def propose(self, state: Any, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers) -> Draft:
+    def propose(
+        self, state: Any, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers | DynamicTree
+    ) -> Draft:
+        if isinstance(tree, DynamicTree):
+            return self._propose_dynamic(hidden, next_tokens, tree)
         if tree.max_depth > len(self.heads):
             raise ValueError(f"tree depth {tree.max_depth} exceeds the {len(self.heads)} Medusa heads")
         depth = max(tree.max_depth, 1)
@@ -74,4 +78,13 @@ class MedusaDrafter(Drafter):
         top = logits.topk(min(tree.size, logits.shape[-1]), dim=-1).indices  # [D, k]
         tokens = top[(tree.depths - 1).clamp(min=0), tree.ranks.clamp(min=0)]  # [T]
         tokens[0] = next_tokens[-1]
+        return Draft(tree=tree, tokens=tokens)
+
+    def _propose_dynamic(self, hidden: torch.Tensor, next_tokens: torch.Tensor, spec: DynamicTree) -> Draft:
+        """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a depth)."""
+        depth = min(spec.depth, len(self.heads))
+        logprobs = self.lm_head(self.head_hidden(hidden[-1:])[0, :depth]).float().log_softmax(-1)  # [D, V]
+        top = logprobs.topk(spec.top_k, dim=-1)  # [D, K]
+        tree, tokens = grow_tree(next_tokens[-1], medusa_proposer(top.values, top.indices), depth, spec.expand,
+                                 spec.budget)
         return Draft(tree=tree, tokens=tokens)

@@ -1,0 +1,123 @@
+"""``tree="auto"``: the tree budget that maximizes expected tokens per second on this device.
+
+A bigger tree accepts more tokens per step but costs more to draft and verify, and where the
+balance lies depends on the hardware (a GPU verifies 64 nodes for about the price of one; a CPU
+does not). For each candidate budget N we measure, once per model/drafter/device, the time of a
+verify forward over N nodes and of one dynamic drafting step, and take the expected accepted
+length from the drafter's measured acceptance (``config.acceptance`` [depth, top_k], written by
+calibration; a prior when the drafter was never calibrated):
+
+    tokens/s(N) ~ tau(N) / (draft_s(N) + verify_s(N)),   tau(N) = 1 + sum of the N-1 best path
+                                                          acceptance products (best-first tree)
+
+The choice is cached in ``$SELFSPEC_CACHE/autotune.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from selfspec.drafters import Drafter
+from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
+from selfspec.models import cache_dir
+from selfspec.tree import DynamicTree, prior_acceptance, tree_from_acceptance
+
+CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
+
+
+def expected_tau(acceptance: torch.Tensor, budget: int) -> float:
+    """Expected tokens per step of the best static tree of ``budget`` nodes (bonus counted)."""
+    tree = tree_from_acceptance(acceptance, budget)
+    total = 1.0
+    for path in tree.paths():
+        p = 1.0
+        for d, k in enumerate(path):
+            p *= float(acceptance[d, k])
+        total += p
+    return total
+
+
+def drafter_acceptance(drafter: Drafter, spec: DynamicTree) -> torch.Tensor:
+    measured = getattr(drafter.config, "acceptance", None)
+    if measured:
+        return torch.tensor(measured, dtype=torch.float64)
+    return prior_acceptance(spec.depth, spec.top_k, first=0.6, decay=0.8)
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix: int = 256, repeats: int = 5):
+    """Seconds of (draft step, verify forward) per budget, on random tokens at a ``prefix`` context."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (prefix,), generator=g).to(model.device)
+    backend = attention_backend(model.device)
+    out = {}
+    with selfspec_attention(model):
+        for n in budgets:
+            spec = DynamicTree(budget=n)
+            cache = StoreCache(new_store(model, prefix + spec.pool_size + 1))
+            first = target_forward(model, cache, ids)
+            cache.store.commit(torch.arange(prefix))
+
+            def draft(first=first, spec=spec):
+                state = drafter.begin(prefix + spec.pool_size + 1)
+                return drafter.propose(state, first.hidden, ids.roll(-1), spec)
+
+            tree_draft = draft()
+            mask = TreeMask(tree_draft.tree.ancestor_mask, backend) if tree_draft.tree.size > 1 else None
+
+            def verify(cache=cache, d=tree_draft, mask=mask):
+                target_forward(model, cache, d.tokens, d.tree.depths, mask)
+
+            out[n] = (_median_s(draft, repeats), _median_s(verify, repeats))
+    return out
+
+
+def _key(model: PreTrainedModel, drafter: Drafter) -> str:
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return f"{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|{drafter.num_parameters_own()}"
+
+
+def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES) -> DynamicTree:
+    """The dynamic tree whose budget maximizes expected tokens/s here (measured once, cached)."""
+    path = cache_dir() / "autotune.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    key = _key(model, drafter)
+    if key not in table:
+        acc = drafter_acceptance(drafter, DynamicTree())
+        costs = measure(model, drafter, budgets)
+        rates = {n: expected_tau(acc, n) / (d + v) for n, (d, v) in costs.items()}
+        best = max(rates, key=rates.get)
+        table[key] = {"budget": best, "expected_tokens_per_s": rates,
+                      "draft_s": {n: c[0] for n, c in costs.items()}, "verify_s": {n: c[1] for n, c in costs.items()}}
+        _write_json(path, table)
+    return DynamicTree(budget=int(table[key]["budget"]))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)

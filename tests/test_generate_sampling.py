@@ -1,0 +1,158 @@
+"""Engine-level tests of dynamic trees, lossless sampling and tree="auto"."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import selfspec
+from selfspec.tree import DynamicTree
+from tests.conftest import hf_greedy, make_tiny
+from tests.test_generate import randomized
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("spec", [DynamicTree(depth=3, top_k=3, expand=2, budget=6), DynamicTree(budget=20)])
+def test_greedy_with_dynamic_trees_matches_hf(tiny_models, arch, kind, spec):
+    model = tiny_models(arch)
+    drafter = randomized(selfspec.new_drafter(kind, model, **({"num_heads": 6} if kind == "medusa" else {})), seed=21)
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(22))
+    out = selfspec.generate(model, ids, drafter=drafter, tree=spec, max_new_tokens=32, eos_token_id=[])
+    assert torch.equal(out.sequences, hf_greedy(model, ids, 32))
+    assert out.stats.tree_nodes == spec.budget
+
+
+def test_tree_arguments(tiny_models):
+    model = tiny_models("llama")
+    drafter = selfspec.new_drafter("eagle", model)
+    ids = torch.tensor([[1, 2, 3]])
+    for tree in ("static", "dynamic", 5, None):
+        assert selfspec.generate(model, ids, drafter=drafter, tree=tree, max_new_tokens=4).stats.new_tokens == 4
+    with pytest.raises(ValueError, match="tree='bushy' is not understood"):
+        selfspec.generate(model, ids, drafter=drafter, tree="bushy", max_new_tokens=4)
+    with pytest.raises(ValueError, match="tree size must be >= 1"):
+        selfspec.generate(model, ids, drafter=drafter, tree=0, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kind", [None, "eagle"])
+def test_seeded_sampling_is_reproducible(tiny_models, kind):
+    model = tiny_models("llama")
+    drafter = randomized(selfspec.new_drafter(kind, model), seed=23) if kind else None
+    ids = torch.tensor([[5, 6, 7, 8]])
+    run = lambda seed: selfspec.generate(model, ids, drafter=drafter, max_new_tokens=24, temperature=1.0,  # noqa: E731
+                                         top_p=0.95, seed=seed, eos_token_id=[]).sequences
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def exact_two_token_probs(model, ids, temperature):
+    """The target's own distribution over the next two tokens [V, V] (warped by temperature)."""
+    with torch.no_grad():
+        p1 = (model(ids).logits[0, -1].double() / temperature).softmax(-1)  # [V]
+        v = p1.numel()
+        seconds = torch.cat([ids.expand(v, -1), torch.arange(v)[:, None]], 1)
+        p2 = (model(seconds).logits[:, -1].double() / temperature).softmax(-1)  # [V, V]
+    return p1[:, None] * p2
+
+
+def chi2_pvalue(counts, probs, min_expected=5.0):
+    """Chi-square goodness of fit, cells with small expected counts merged into one."""
+    expected = probs.flatten() * counts.sum()
+    big = expected >= min_expected
+    obs, exp = counts.flatten()[big], expected[big]
+    if bool((~big).any()):
+        obs = torch.cat([obs, counts.flatten()[~big].sum()[None]])
+        exp = torch.cat([exp, expected[~big].sum()[None]])
+    return chisquare(obs.numpy(), exp.numpy()).pvalue
+
+
+def test_sampled_output_follows_target_distribution():
+    """End to end through drafting, tree verification, rejection sampling and the KV commit: the
+    joint of the first two sampled tokens matches the target's own distribution (chi-square,
+    significance 0.001), while a target-agnostic draft-only sampler is rejected (power check)."""
+    model = make_tiny("llama", vocab=8, seed=31)
+    drafter = randomized(selfspec.new_drafter("eagle", model), seed=32, std=0.5)
+    ids = torch.tensor([[1, 3, 5]])
+    exact = exact_two_token_probs(model, ids, temperature=1.0)
+    draws = 1500
+    counts = torch.zeros(8, 8, dtype=torch.float64)
+    drafted = torch.zeros(8, 8, dtype=torch.float64)
+    for seed in range(draws):
+        out = selfspec.generate(model, ids, drafter=drafter, tree=DynamicTree(depth=2, top_k=3, expand=2, budget=6),
+                                max_new_tokens=2, temperature=1.0, seed=seed, eos_token_id=[])
+        a, b = out.sequences[0, 3:].tolist()
+        counts[a, b] += 1
+    assert chi2_pvalue(counts, exact) > 1e-3
+    # power: the drafter's own top-1 chain is a different distribution and must be rejected
+    with torch.no_grad():
+        from selfspec.hf import target_features
+
+        for seed in range(draws):
+            g = torch.Generator().manual_seed(seed)
+            a = torch.multinomial(exact.sum(1), 1, generator=g).item()
+            feats = target_features(model, torch.cat([ids, torch.tensor([[a]])], 1))
+            b = int(model.lm_head(drafter(feats.hidden[0, :-1], torch.cat([ids[0, 1:], torch.tensor([a])]))[-1]).argmax())
+            drafted[a, b] += 1
+    assert chi2_pvalue(drafted, exact) < 1e-3
+
+
+def test_typical_acceptance_runs_and_is_greedy_at_zero_temperature(tiny_models):
+    model = tiny_models("llama")
+    drafter = randomized(selfspec.new_drafter("medusa", model), seed=33)
+    ids = torch.tensor([[9, 8, 7]])
+    out = selfspec.generate(model, ids, drafter=drafter, acceptance="typical", max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(out.sequences, hf_greedy(model, ids, 20))
+    sampled = selfspec.generate(model, ids, drafter=drafter, acceptance="typical", temperature=0.8, seed=1,
+                                max_new_tokens=20, eos_token_id=[])
+    assert sampled.stats.new_tokens == 20
+    with pytest.raises(ValueError, match="acceptance must be one of"):
+        selfspec.generate(model, ids, acceptance="lenient", max_new_tokens=2)
+
+
+def test_logits_processor_applies_to_every_node(tiny_models):
+    """A processor that bans a token: no sampled output contains it, whatever the drafter proposes."""
+    model = tiny_models("llama")
+    ref = hf_greedy(model, torch.tensor([[4, 4, 4]]), 16)[0, 3:]
+    banned = int(ref[0])
+
+    def ban(input_ids, scores):
+        scores = scores.clone()
+        scores[:, banned] = -float("inf")
+        return scores
+
+    drafter = randomized(selfspec.new_drafter("eagle", model), seed=34)
+    for seed in range(3):
+        out = selfspec.generate(model, torch.tensor([[4, 4, 4]]), drafter=drafter, max_new_tokens=16, temperature=0.7,
+                                seed=seed, logits_processor=ban, eos_token_id=[])
+        assert banned not in out.sequences[0, 3:].tolist()
+
+
+def test_bad_sampling_values(tiny_models):
+    model = tiny_models("llama")
+    for kwargs, message in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k")]:
+        with pytest.raises(ValueError, match=message):
+            selfspec.generate(model, torch.tensor([[1]]), max_new_tokens=2, **kwargs)
+
+
+def test_auto_tree_measures_once_and_caches(tiny_models, tmp_path, monkeypatch):
+    from selfspec import autotune
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    model = tiny_models("llama")
+    drafter = selfspec.new_drafter("eagle", model)
+    spec = autotune.auto_tree(model, drafter, budgets=(2, 6))
+    assert spec.budget in (2, 6)
+    assert (tmp_path / "autotune.json").is_file()
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured twice"))
+    assert autotune.auto_tree(model, drafter, budgets=(2, 6)) == spec
+    out = selfspec.generate(model, torch.tensor([[1, 2]]), drafter=drafter, tree="auto", max_new_tokens=8)
+    assert out.stats.new_tokens == 8
+
+
+def test_expected_tau_grows_with_budget():
+    from selfspec.autotune import expected_tau
+    from selfspec.tree import prior_acceptance
+
+    acc = prior_acceptance(4, 4, 0.7, 0.8)
+    taus = [expected_tau(acc, n) for n in (1, 2, 8, 32)]
+    assert taus[0] == 1.0 and taus == sorted(taus) and taus[1] == pytest.approx(1.7)
