@@ -85,3 +85,27 @@ def test_help_explains_every_flag():
     for flag in ("--prompt", "--prompt-file", "--model", "--drafter", "--max-new-tokens", "--json", "--compare",
                  "--no-chat-template", "--dtype", "--device"):
         assert flag in out.stdout
+
+
+def test_sampling_flags(capsys, tiny_checkpoint, tmp_path):
+    model, _ = selfspec.load_target(str(tiny_checkpoint))
+    selfspec.new_drafter("medusa", model).save_pretrained(tmp_path / "d")
+    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "fox", "--max-new-tokens", "10", "--json",
+            "--drafter", str(tmp_path / "d"), "--temperature", "0.9", "--top-p", "0.9", "--seed", "3", "--tree", "6"]
+    first = json.loads(run(capsys, *argv)[1])
+    again = json.loads(run(capsys, *argv)[1])
+    assert first["text"] == again["text"] and first["temperature"] == 0.9 and first["tree"] == "6"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--temperature", "-1"], "temperature must be"),
+        (["--top-p", "1.5"], "top_p must be in"),
+        (["--tree", "bushy"], "--tree 'bushy' must be"),
+        (["--tree", "0"], "must be static, dynamic, auto or a positive node count"),
+    ],
+)
+def test_bad_decoding_flags(capsys, argv, message):
+    code, _, err = run(capsys, "generate", "--prompt", "hi", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
