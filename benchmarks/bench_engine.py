@@ -161,12 +161,12 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"engine_{model.device.type}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"| method | tok/s median | min-max | vs HF | tau | identical to HF |\n|---|---|---|---|---|---|")
+    print("| method | tok/s median | min-max | vs HF | tau | identical to HF |\n|---|---|---|---|---|---|")
     for name, r in speed.items():
         tau = f"{r['tau_mean']:.2f}" if r["tau_mean"] else "-"
         print(f"| {name} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f} "
               f"| {r['ratio_to_hf']:.3f} | {tau} | {r['identical_to_hf']} |")
-    print(f"\n| tree nodes | verify ms (median) | min-max | vs 1 token |\n|---|---|---|---|")
+    print("\n| tree nodes | verify ms (median) | min-max | vs 1 token |\n|---|---|---|---|")
     for t, r in verify.items():
         print(f"| {t} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['ratio_to_one_token']:.2f} |")
     print(f"\nwritten {path}")

@@ -11,16 +11,24 @@ same engine: the fair baseline.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from selfspec.accept import Acceptance, greedy_accept, sample_accept, typical_accept
 from selfspec.drafters import Draft, Drafter
-from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, sliding_window
-from selfspec.hf import target_forward
+from selfspec.hf import (
+    StoreCache,
+    TreeMask,
+    attention_backend,
+    new_store,
+    selfspec_attention,
+    sliding_window,
+    target_forward,
+)
 from selfspec.sampling import LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
 from selfspec.tree import DynamicTree, TreeBuffers, chain
 

@@ -23,8 +23,8 @@ adds one depth to a ``DraftPool`` and picks the next frontier, ``select_nodes`` 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -52,7 +52,7 @@ class TreeBuffers:
         """Depth of the deepest node (0 for a root-only tree)."""
         return int(self.retrieve_paths.shape[1]) - 1
 
-    def to(self, device: torch.device | str) -> "TreeBuffers":
+    def to(self, device: torch.device | str) -> TreeBuffers:
         """The same tree with every buffer on ``device``."""
         return TreeBuffers(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
 

@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-from transformers import (  # noqa: E402
+import pytest
+from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,

@@ -39,7 +39,7 @@ def test_seeded_sampling_is_reproducible(tiny_models, kind):
     model = tiny_models("llama")
     drafter = randomized(selfspec.new_drafter(kind, model), seed=23) if kind else None
     ids = torch.tensor([[5, 6, 7, 8]])
-    run = lambda seed: selfspec.generate(model, ids, drafter=drafter, max_new_tokens=24, temperature=1.0,  # noqa: E731
+    run = lambda seed: selfspec.generate(model, ids, drafter=drafter, max_new_tokens=24, temperature=1.0,
                                          top_p=0.95, seed=seed, eos_token_id=[]).sequences
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))

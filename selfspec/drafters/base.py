@@ -12,6 +12,14 @@ call (the whole prompt at first, the accepted path afterwards) and ``next_tokens
 that follows it; the last of them is the bonus token, which becomes the draft tree's root.
 
 On disk: ``config.json`` (kind, sizes, target fingerprint, tree) + ``model.safetensors``.
+
+Two optional extras change how a drafter reads out tokens (``lm_head``), both built by
+``VocabProjection`` over the target's frozen ``lm_head`` weight, which is never copied to disk:
+- a reduced draft vocabulary (``draft_vocab_size`` > 0): only the target rows of the most frequent
+  tokens are scored (less work per draft step); ``draft_ids`` ``[Vd]`` maps draft to target ids and
+  is saved with the weights;
+- a PEFT LoRA adapter on the read-out (``add_vocab_lora``), saved as PEFT's own
+  ``adapter_config.json`` + ``adapter_model.safetensors`` beside the core files.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from selfspec.tree import TreeBuffers, build_tree
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's file name; its presence means a LoRA read-out
+VOCAB_PREFIX = "vocab."  # state-dict keys of the read-out: derived from the target or PEFT-saved
 
 
 @dataclass
@@ -50,11 +60,17 @@ class DrafterConfig:
     tree: list[list[int]] | None = dataclasses.field(
         default=None, metadata={"help": "static tree as Medusa-style paths; None = the kind's default tree"}
     )
+    draft_vocab_size: int = dataclasses.field(
+        default=0, metadata={"help": "tokens the drafter scores (a reduced draft vocabulary); 0 = all of vocab_size"}
+    )
 
     def __post_init__(self):
         for name in ("hidden_size", "vocab_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}] (0 = full vocabulary), "
+                             f"got {self.draft_vocab_size}")
         if self.tree is not None:
             build_tree(self.tree)  # raises a ValueError naming the bad path
 
@@ -76,6 +92,31 @@ class Draft:
 
     tree: TreeBuffers
     tokens: torch.Tensor  # [T] int64
+
+
+class VocabProjection(nn.Module):
+    """The drafter's read-out ``[N, H] -> [N, Vd]`` over the target's frozen ``lm_head`` weight.
+
+    ``proj`` is the drafter's own ``nn.Linear`` whose weight IS the target's Parameter (shared
+    storage, frozen; the target's module is never touched) or, for a reduced draft vocabulary,
+    a frozen gather of its rows ``draft_ids``. PEFT wraps ``proj`` for a LoRA read-out.
+    """
+
+    def __init__(self, lm_head: nn.Module, draft_ids: torch.Tensor | None = None):
+        super().__init__()
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+        rows = weight.shape[0] if draft_ids is None else draft_ids.numel()
+        self.proj = nn.Linear(weight.shape[1], rows, bias=bias is not None, device="meta")
+        if draft_ids is None:
+            self.proj.weight, self.proj.bias = weight, bias
+        else:
+            ids = draft_ids.to(weight.device)
+            self.proj.weight = nn.Parameter(weight.detach()[ids].clone(), requires_grad=False)
+            self.proj.bias = None if bias is None else nn.Parameter(bias.detach()[ids].clone(), requires_grad=False)
+        self.frozen = {id(p) for p in (self.proj.weight, self.proj.bias) if p is not None}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
 
 
 def target_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -101,6 +142,11 @@ class Drafter(nn.Module):
         self._shared = shared  # a dataclass, so nn.Module does not register (save, train) it
         paths = config.tree if config.tree is not None else self.default_paths()
         self.tree = build_tree(paths)  # the static tree propose() uses unless given another
+        self.vocab: nn.Module | None = None  # VocabProjection (maybe PEFT-wrapped); None = the shared lm_head
+        if config.draft_vocab_size:  # [Vd] int64 target id of each draft token, set by set_draft_vocab
+            self.register_buffer("draft_ids", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_ids = None
 
     def default_paths(self) -> list[tuple[int, ...]]:
         """The kind's default static tree when the config names none (before calibration)."""
@@ -114,14 +160,64 @@ class Drafter(nn.Module):
         raise NotImplementedError
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self._shared.lm_head(h)
+        """[N, H] -> [N, V] logits over the target vocabulary (-inf outside a reduced draft vocabulary)."""
+        logits = self.draft_logits(h)
+        if self.draft_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.scatter_(-1, self.draft_ids.expand_as(logits), logits)
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, Vd] logits over the draft vocabulary (what training scores)."""
+        return self._shared.lm_head(h) if self.vocab is None else self.vocab(h)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._shared.embed(ids)
 
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        """Score only the target tokens ``draft_ids`` [Vd] (distinct ids, e.g. the most frequent)."""
+        if self.vocab is not None and not isinstance(self.vocab, VocabProjection):
+            raise ValueError("set the draft vocabulary before adding a LoRA read-out (the adapter is sized by it)")
+        ids = torch.as_tensor(draft_ids, dtype=torch.long).flatten()
+        if ids.numel() != self.config.draft_vocab_size or ids.unique().numel() != ids.numel():
+            raise ValueError(f"draft_ids must hold draft_vocab_size={self.config.draft_vocab_size} distinct token ids, "
+                             f"got {ids.numel()} ({ids.unique().numel()} distinct)")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"draft_ids must be target token ids in [0, {self.config.vocab_size})")
+        self.draft_ids.copy_(ids)
+        self.vocab = VocabProjection(self._shared.lm_head, self.draft_ids)
+
+    def add_vocab_lora(self, lora_config: Any) -> None:
+        """Wrap the read-out with a PEFT LoRA (``peft.LoraConfig``; target_modules is set here)."""
+        import peft
+
+        if self.vocab is not None and not isinstance(self.vocab, VocabProjection):
+            raise ValueError("this drafter already has a LoRA read-out")
+        base = self.vocab if self.vocab is not None else VocabProjection(self._shared.lm_head)
+        lora_config = dataclasses.replace(lora_config, target_modules=["proj"])
+        self.vocab = peft.get_peft_model(base, lora_config)
+
+    def load_vocab_lora(self, directory: Path, trainable: bool = False) -> None:
+        """Attach the PEFT adapter saved in ``directory`` to the read-out."""
+        import peft
+
+        base = self.vocab if self.vocab is not None else VocabProjection(self._shared.lm_head)
+        p = next(self.parameters(), None)
+        self.vocab = peft.PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        if p is not None:
+            self.vocab.to(device=p.device, dtype=p.dtype)
+
+    def shared_parameter_ids(self) -> set[int]:
+        """ids of parameters that belong to (or are derived from) the frozen target."""
+        for module in () if self.vocab is None else self.vocab.modules():
+            if isinstance(module, VocabProjection):
+                return set(module.frozen)
+        return set()
+
     def num_parameters_own(self) -> int:
         """Parameters the drafter owns (the shared embedding and lm_head are not counted)."""
-        return sum(p.numel() for p in self.parameters())
+        shared = self.shared_parameter_ids()
+        return sum(p.numel() for p in self.parameters() if id(p) not in shared)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically (a kill leaves the old files)."""
@@ -131,8 +227,11 @@ class Drafter(nn.Module):
         try:
             meta = {"format_version": FORMAT_VERSION, "kind": self.kind, **self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                     if not k.startswith(VOCAB_PREFIX)}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"kind": self.kind})
+            if self.vocab is not None and not isinstance(self.vocab, VocabProjection):
+                self.vocab.save_pretrained(str(tmp))  # PEFT adapter files (the LoRA weights only)
             _replace_dir(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,3 +293,7 @@ def load_weights(drafter: Drafter, directory: Path) -> None:
         drafter.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path} does not match the drafter described by its config.json: {e}") from e
+    if drafter.draft_ids is not None:
+        drafter.set_draft_vocab(drafter.draft_ids.clone())
+    if (directory / ADAPTER_CONFIG_NAME).is_file():
+        drafter.load_vocab_lora(directory)

@@ -22,7 +22,14 @@ from torch.nn import functional as F
 
 from selfspec.cache import KVStore, offset_causal_mask
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
-from selfspec.tree import DraftPool, DynamicTree, TreeBuffers, grow_tree, prior_acceptance, tree_from_acceptance
+from selfspec.tree import (
+    DraftPool,
+    DynamicTree,
+    TreeBuffers,
+    grow_tree,
+    prior_acceptance,
+    tree_from_acceptance,
+)
 
 
 @dataclass

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
-from selfspec.tree import DynamicTree, TreeBuffers, grow_tree, medusa_proposer, prior_acceptance, tree_from_acceptance
+from selfspec.tree import (
+    DynamicTree,
+    TreeBuffers,
+    grow_tree,
+    medusa_proposer,
+    prior_acceptance,
+    tree_from_acceptance,
+)
 
 
 @dataclass
