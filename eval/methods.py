@@ -1,0 +1,247 @@
+"""The decoding methods an eval compares, behind one call: ``method.generate(ids, n, sampling, streamer)``.
+
+- ``hf``: ``model.generate`` (greedy, or sampled with the same temperature/top-p/top-k).
+- ``pld``: HF prompt-lookup decoding (``prompt_lookup_num_tokens``): n-gram drafts from the prompt.
+- ``assisted``: HF assisted generation with a smaller ``assistant_model`` of the same tokenizer.
+- ``engine``: ``selfspec.generate`` without a drafter: one token per step through the same engine,
+  the baseline that isolates what the drafter buys.
+- ``selfspec``: ``selfspec.generate`` with the drafter.
+
+Sampling options reach HF and selfspec as the same keyword arguments. ``selfspec.generate`` is
+asked only for what its signature accepts; temperature > 0 with a build whose ``generate`` has
+no ``temperature`` argument is refused up front (``check_sampling_support``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+METHODS = ("hf", "pld", "assisted", "engine", "selfspec")
+SELFSPEC_METHODS = ("engine", "selfspec")  # the ones that run selfspec.generate
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every method picks tokens; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float | None = None  # None: off (1.0)
+    top_k: int | None = None  # None: off (0); HF's own default of 50 is not used
+    seed: int = 0  # torch.manual_seed before every sampled run
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        if self.greedy:  # None overrides any sampling values in the model's generation_config
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k or 0,
+        }
+
+    def selfspec_kwargs(self, accepted: set[str]) -> dict[str, Any]:
+        """The keyword arguments for ``selfspec.generate``, limited to those it accepts."""
+        if self.greedy:
+            return {}
+        values: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k or 0,
+            "seed": self.seed,
+        }
+        return {k: v for k, v in values.items() if k in accepted}
+
+
+def selfspec_parameters() -> set[str]:
+    import selfspec
+
+    return set(inspect.signature(selfspec.generate).parameters)
+
+
+def check_sampling_support(sampling: Sampling, methods: list[str]) -> None:
+    """Refuse temperature > 0 for engine/selfspec when ``selfspec.generate`` is greedy-only."""
+    if sampling.greedy or not set(methods) & set(SELFSPEC_METHODS):
+        return
+    if "temperature" not in selfspec_parameters():
+        raise ValueError(
+            "this selfspec build decodes greedily only (selfspec.generate has no temperature "
+            "argument); use --temperature 0, or keep --methods to hf/pld/assisted for sampling"
+        )
+
+
+class HFMethod:
+    """``model.generate`` with extra keyword arguments (prompt lookup, assistant model)."""
+
+    def __init__(self, name: str, model: Any, pad_token_id: int | None, **extra: Any):
+        self.name, self.model, self.pad_token_id, self.extra = name, model, pad_token_id, extra
+
+    def generate(
+        self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
+    ) -> dict[str, Any]:
+        ids = ids.to(self.model.device)  # [1, n]
+        if not sampling.greedy:
+            torch.manual_seed(sampling.seed)
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            streamer=streamer,
+            **sampling.hf_kwargs(),
+            **self.extra,
+        )
+        return {"tokens": out[0, ids.shape[1] :].tolist()}
+
+
+class SelfspecMethod:
+    """``selfspec.generate`` with or without a drafter."""
+
+    def __init__(self, name: str, model: Any, drafter: Any):
+        self.name, self.model, self.drafter = name, model, drafter
+        self.accepted = selfspec_parameters()
+
+    def generate(
+        self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
+    ) -> dict[str, Any]:
+        import selfspec
+
+        if not sampling.greedy:
+            torch.manual_seed(sampling.seed)
+        result = selfspec.generate(
+            self.model,
+            ids,
+            drafter=self.drafter,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            **sampling.selfspec_kwargs(self.accepted),
+        )
+        s = result.stats
+        return {
+            "tokens": result.sequences[0, ids.shape[1] :].tolist(),
+            "prefill_s": s.prefill_s,
+            "steps": s.steps,
+            "accepted_hist": list(s.accepted_hist),
+            "accepted_by_depth": list(s.accepted_by_depth),
+            "tree_nodes": s.tree_nodes,
+        }
+
+
+def build_methods(
+    names: list[str],
+    model: Any,
+    tokenizer: Any,
+    drafter: Any = None,
+    assistant: Any = None,
+    pld_tokens: int = 10,
+) -> dict[str, Any]:
+    """name -> method object, in the order given."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "hf":
+            out[name] = HFMethod(name, model, pad)
+        elif name == "pld":
+            out[name] = HFMethod(name, model, pad, prompt_lookup_num_tokens=pld_tokens)
+        elif name == "assisted":
+            if assistant is None:
+                raise ValueError("method 'assisted' needs --assistant MODEL")
+            out[name] = HFMethod(name, model, pad, assistant_model=assistant)
+        elif name == "engine":
+            out[name] = SelfspecMethod(name, model, None)
+        elif name == "selfspec":
+            if drafter is None:
+                raise ValueError(
+                    "method 'selfspec' needs a drafter; pass --drafter DIR or drop it from --methods"
+                )
+            out[name] = SelfspecMethod(name, model, drafter)
+        else:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return out
+
+
+def check_same_tokenizer(target_tok: Any, assistant_tok: Any, assistant_name: str) -> None:
+    """HF assisted generation passes token ids between the models: their vocabularies must agree."""
+    a, t = assistant_tok.get_vocab(), target_tok.get_vocab()
+    if a == t:
+        return
+    differ = sum(1 for tok, i in t.items() if a.get(tok) != i) + sum(1 for tok in a if tok not in t)
+    raise ValueError(
+        f"--assistant {assistant_name} has a different tokenizer from the target "
+        f"(vocabulary {len(a)} vs {len(t)} tokens, {differ} entries differ); assisted generation "
+        "needs the same vocabulary: pick an assistant of the target's model family"
+    )
+
+
+@torch.inference_mode()
+def diagnose_mismatch(
+    model: Any, prompt: torch.Tensor, reference: list[int], other: list[int]
+) -> dict[str, Any] | None:
+    """Where ``other`` first leaves the greedy ``reference`` continuation, and whether the target
+    was nearly tied there.
+
+    One target forward over prompt + reference gives the logits that chose each reference token.
+    ``margin`` is the target's top-1 minus top-2 logit at the first differing position; ``gap``
+    the logit difference between the reference token and the other method's token there. A tiny
+    margin with the other token as runner-up is a float near-tie (different kernels, different
+    rounding); a large margin means the method did not follow the target's argmax: a bug.
+    Returns None when the sequences are equal."""
+    position = first_difference(reference, other)
+    if position is None:
+        return None
+    info: dict[str, Any] = {
+        "position": position,
+        "ref_token": reference[position] if position < len(reference) else None,
+        "token": other[position] if position < len(other) else None,
+        "margin": None,
+        "gap": None,
+        "runner_up": None,
+    }
+    if position >= len(reference):
+        return info  # the reference stopped (EOS) where the other went on: no logits to read
+    seq = torch.cat([prompt.reshape(-1).cpu(), torch.tensor(reference)])[None].to(model.device)  # [1, P+N]
+    logits = model(seq).logits[0, prompt.numel() + position - 1].float()  # [V] chose reference[position]
+    top = logits.topk(2)
+    info["margin"] = float(top.values[0] - top.values[1])
+    info["runner_up"] = int(top.indices[1])
+    if info["token"] is not None:
+        info["gap"] = float(logits[reference[position]] - logits[info["token"]])
+    return info
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where two token lists differ (a length difference counts)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# Largest top-2 logit margin still called a float near-tie, per dtype: a few times the logit
+# error that reordered reductions make in that precision (fp32 ~1e-4, bf16 ~1e-1 on small models).
+NEAR_TIE = {"float64": 1e-8, "float32": 1e-2, "float16": 0.1, "bfloat16": 0.5}
+
+
+def verdict(info: dict[str, Any], dtype: str) -> str:
+    """'near-tie' when the other method took the target's runner-up within NEAR_TIE[dtype] of the
+    top logit; 'suspect' otherwise (worth a bug report); 'length' when only EOS placement differs
+    past the end of the reference."""
+    if info["margin"] is None:
+        return "length"
+    tied = info["token"] == info["runner_up"] and info["margin"] <= NEAR_TIE.get(dtype, 1e-2)
+    return "near-tie" if tied else "suspect"
