@@ -136,6 +136,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (fixed for every method)")
     ap.add_argument("--verify-prefix", type=int, default=256, help="prefix length for the verify-cost part")
     ap.add_argument("--verify-repeats", type=int, default=20, help="repeats per tree size")
+    ap.add_argument("--verify-only", action="store_true", help="skip the decode-speed part (minutes) and time verify cost only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,9 +147,11 @@ def main():
     if (SHIPPED_DRAFTERS / "default").is_dir():
         methods["default-drafter"] = time_engine(selfspec.load_drafter("default", model))
     warm = encode(tokenizer, "Hello")
-    for fn in methods.values():
-        fn(model, warm, 8)
-    speed = summarize(decode_speed(model, tokenizer, methods, args))
+    speed = {}
+    if not args.verify_only:
+        for fn in methods.values():
+            fn(model, warm, 8)
+        speed = summarize(decode_speed(model, tokenizer, methods, args))
     verify = verify_cost(model, [1, 2, 4, 8, 16, 24, 32, 64], args.verify_prefix, args.verify_repeats)
     record = {
         "benchmark": "engine", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
@@ -159,7 +162,7 @@ def main():
         "verify_prefix": args.verify_prefix, "verify": verify,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"engine_{model.device.type}.json"
+    path = args.out / f"engine{'_verify' if args.verify_only else ''}_{model.device.type}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print("| method | tok/s median | min-max | vs HF | tau | identical to HF |\n|---|---|---|---|---|---|")
     for name, r in speed.items():
