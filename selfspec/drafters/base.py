@@ -24,11 +24,13 @@ Two optional extras change how a drafter reads out tokens (``lm_head``), both bu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -97,26 +99,43 @@ class Draft:
 class VocabProjection(nn.Module):
     """The drafter's read-out ``[N, H] -> [N, Vd]`` over the target's frozen ``lm_head`` weight.
 
-    ``proj`` is the drafter's own ``nn.Linear`` whose weight IS the target's Parameter (shared
-    storage, frozen; the target's module is never touched) or, for a reduced draft vocabulary,
-    a frozen gather of its rows ``draft_ids``. PEFT wraps ``proj`` for a LoRA read-out.
+    ``proj`` is the drafter's own ``nn.Linear`` whose weight IS the target's tensor (shared
+    storage; the target's module is never touched) or, for a reduced draft vocabulary, a gather of
+    its rows ``draft_ids``. Either is a non-persistent buffer, not a parameter: never trained,
+    saved or counted, and ``.to()`` gives the drafter a converted copy instead of converting the
+    target's tensor in place. PEFT wraps ``proj`` for a LoRA read-out.
     """
 
     def __init__(self, lm_head: nn.Module, draft_ids: torch.Tensor | None = None):
         super().__init__()
-        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        rows = weight.shape[0] if draft_ids is None else draft_ids.numel()
-        self.proj = nn.Linear(weight.shape[1], rows, bias=bias is not None, device="meta")
-        if draft_ids is None:
-            self.proj.weight, self.proj.bias = weight, bias
-        else:
+        weight, bias = lm_head.weight.detach(), getattr(lm_head, "bias", None)
+        bias = None if bias is None else bias.detach()
+        if draft_ids is not None:
             ids = draft_ids.to(weight.device)
-            self.proj.weight = nn.Parameter(weight.detach()[ids].clone(), requires_grad=False)
-            self.proj.bias = None if bias is None else nn.Parameter(bias.detach()[ids].clone(), requires_grad=False)
-        self.frozen = {id(p) for p in (self.proj.weight, self.proj.bias) if p is not None}
+            weight, bias = weight[ids], None if bias is None else bias[ids]
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            delattr(self.proj, name)
+            self.proj.register_buffer(name, tensor, persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h)
+
+    @contextlib.contextmanager
+    def as_parameters(self) -> Iterator[None]:
+        """PEFT reads the device off a module's parameters while it wraps it: for that time, show
+        the weight as a frozen parameter (same storage), then make it a buffer again."""
+        linear = self.proj
+        tensors = {name: getattr(linear, name) for name in ("weight", "bias")}
+        for name, t in tensors.items():
+            delattr(linear, name)
+            linear.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+        try:
+            yield
+        finally:
+            for name, t in tensors.items():
+                delattr(linear, name)
+                linear.register_buffer(name, t, persistent=False)
 
 
 def target_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -195,7 +214,8 @@ class Drafter(nn.Module):
             raise ValueError("this drafter already has a LoRA read-out")
         base = self.vocab if self.vocab is not None else VocabProjection(self._shared.lm_head)
         lora_config = dataclasses.replace(lora_config, target_modules=["proj"])
-        self.vocab = peft.get_peft_model(base, lora_config)
+        with base.as_parameters():
+            self.vocab = peft.get_peft_model(base, lora_config)
 
     def load_vocab_lora(self, directory: Path, trainable: bool = False) -> None:
         """Attach the PEFT adapter saved in ``directory`` to the read-out."""
@@ -203,21 +223,14 @@ class Drafter(nn.Module):
 
         base = self.vocab if self.vocab is not None else VocabProjection(self._shared.lm_head)
         p = next(self.parameters(), None)
-        self.vocab = peft.PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+        with base.as_parameters():
+            self.vocab = peft.PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
         if p is not None:
             self.vocab.to(device=p.device, dtype=p.dtype)
 
-    def shared_parameter_ids(self) -> set[int]:
-        """ids of parameters that belong to (or are derived from) the frozen target."""
-        for module in () if self.vocab is None else self.vocab.modules():
-            if isinstance(module, VocabProjection):
-                return set(module.frozen)
-        return set()
-
     def num_parameters_own(self) -> int:
         """Parameters the drafter owns (the shared embedding and lm_head are not counted)."""
-        shared = self.shared_parameter_ids()
-        return sum(p.numel() for p in self.parameters() if id(p) not in shared)
+        return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically (a kill leaves the old files)."""

@@ -1,0 +1,101 @@
+"""`selfspec train`: bad inputs fail in one line before any model loads; a tiny run end to end,
+killed and resumed; the same command under torchrun (two CPU processes, gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import selfspec
+from selfspec.cli import main
+from tests.test_training_utils import prompt_rows, tiny_target_dir, write_jsonl
+
+torch.set_num_threads(1)
+
+TINY = ["--held-out", "3", "--max-new-tokens", "12", "--steps", "6", "--batch-tokens", "128", "--max-param-fraction",
+        "0", "--tau-prompts", "1", "--tau-new-tokens", "8", "--checkpoint-every", "3", "--tree-nodes", "6",
+        "--tree-depth", "3", "--wandb", "disabled", "--distill-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return tiny_target_dir(root / "target"), write_jsonl(root / "data.jsonl", prompt_rows(14))
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("selfspec: error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no training data"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: file not found"),
+    (["--data", "{data}", "--steps", "0"], "steps must be a positive integer"),
+    (["--data", "{data}", "--kind", "rnn"], "unknown drafter kind 'rnn'"),
+    (["--data", "{data}", "--lr", "-1"], "lr must be a positive number"),
+    (["--data", "{data}", "--data-format", "xml"], "unknown data format 'xml'"),
+    (["--data", "{data}", "--feature-dtype", "int8"], "feature dtype must be one of"),
+    (["--data", "{data}", "--temperature", "-2"], "temperature must be a finite number"),
+    (["--data", "{data}", "--held-out", "0"], "held_out must be >= 1"),
+    (["--data", "{data}", "--resume", "--overwrite"], "contradict"),
+    (["--data", "{data}", "--model", "not a model!"], "is neither 'default'"),
+    (["--data", "{data}", "--save-dtype", "int4"], "save dtype must be one of"),
+])
+def test_bad_inputs_fail_in_one_line(setup, tmp_path, capsys, args, message):
+    _, data = setup
+    args = [a.replace("{data}", str(data)) for a in args]
+    assert main(["train", "--out", str(tmp_path / "o"), *args]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_unknown_preset_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "turbo", "--out", "x"])
+    assert e.value.code == 2
+
+
+def test_out_must_be_given(capsys, setup):
+    assert main(["train", "--data", str(setup[1])]) == 2
+    assert "--out is required" in one_error_line(capsys)
+
+
+def test_train_end_to_end_then_resume_needs_a_flag(setup, tmp_path, capsys):
+    target, data = setup
+    out = tmp_path / "drafter"
+    args = ["train", "--model", str(target), "--data", str(data), "--out", str(out), *TINY]
+    assert main(args) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["train"]["steps"] == 6 and summary["distill"]["generated"] == 14
+    assert summary["calibration"]["tree"] and summary["tau_calibrated_tree"] >= 1.0
+    model, _ = selfspec.load_target(str(target), device="cpu")
+    drafter = selfspec.load_drafter(out, model)
+    assert drafter.config.tree == summary["calibration"]["tree"]
+    assert selfspec.generate(model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5).stats.new_tokens == 5
+    capsys.readouterr()
+    assert main(args) == 2  # the work dir holds a run: a silent restart would lose it
+    assert "pass --resume to continue it or --overwrite" in one_error_line(capsys)
+    assert main([*args, "--resume", "--steps", "8"]) == 0  # continue to 8 steps; caches reused
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["train"]["steps"] == 8 and summary["distill"]["cached"] == 14 and summary["distill"]["generated"] == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+def test_same_command_under_torchrun_two_processes(setup, tmp_path):
+    target, data = setup
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "selfspec.cli", "train", "--model", str(target), "--data", str(data), "--out", str(out), *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["train"]["steps"] == 6
+    shards = sorted(p.name for p in (out.parent / "ddp.work" / "distill").glob("responses.rank*.jsonl"))
+    assert shards == ["responses.rank0.jsonl", "responses.rank1.jsonl"]  # each rank distilled its share
+    assert summary["distill"]["requested"] == 14

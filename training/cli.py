@@ -1,0 +1,173 @@
+"""``selfspec train`` and ``selfspec export``, registered by ``selfspec.cli``.
+
+Train flags are generated from the config dataclasses (one flag per field, its help string as
+the help), so every setting has one name, one default and one validation. A flag the user passes
+wins over the ``--preset``; everything is validated before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from selfspec.cli import UsageError, check_model_arg
+from selfspec.training.calibrate import CalibrationConfig
+from selfspec.training.data import DataConfig
+from selfspec.training.distill import DistillConfig
+from selfspec.training.features import FeatureConfig
+from selfspec.training.presets import PRESETS, preset
+from selfspec.training.trainer import TrainConfig
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "distill": DistillConfig, "features": FeatureConfig,
+                             "train": TrainConfig, "calibrate": CalibrationConfig}
+FLAG_NAMES = {  # (section, field) -> flag, where the plain field name would be ambiguous or unclear
+    ("data", "sources"): "data", ("data", "format"): "data-format", ("data", "cache_dir"): "datasets-cache",
+    ("distill", "batch_size"): "distill-batch-size", ("distill", "seed"): "distill-seed",
+    ("features", "max_tokens"): "max-feature-tokens", ("features", "batch_tokens"): "feature-batch-tokens",
+    ("features", "dtype"): "feature-dtype", ("calibrate", "depth"): "tree-depth", ("calibrate", "top_k"): "tree-top-k",
+    ("calibrate", "batch_tokens"): "calibrate-batch-tokens",
+}
+
+
+def _run_config_class():
+    from selfspec.training.pipeline import RunConfig
+
+    return RunConfig
+
+
+def _flag(section: str, name: str) -> str:
+    return "--" + FLAG_NAMES.get((section, name), name.replace("_", "-"))
+
+
+def _dest(section: str, name: str) -> str:
+    return f"{section}__{name}"
+
+
+def _add_fields(group: argparse._ArgumentGroup, section: str, cls: type, skip: set[str] = frozenset()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        hint = hints[f.name]
+        if hint is not bool:
+            kw["metavar"] = f.name.upper()
+        if hint is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(hint) is list:
+            item = typing.get_args(hint)[0]
+            kw.update(type=item, action="append" if item is str else None, nargs=None if item is str else "+")
+            kw = {k: v for k, v in kw.items() if v is not None}
+        else:
+            base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+            kw["type"] = base[0]
+        group.add_argument(_flag(section, f.name), **kw)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a drafter for a target model",
+        description="Self-distill the target on your prompts, cache its features, train a Medusa or EAGLE "
+        "drafter, calibrate its tree on held-out data and save it for `selfspec generate --drafter OUT`. "
+        "Runs unchanged under `accelerate launch` / `torchrun` on several GPUs.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="bundle of settings: quick (CPU, ~30 min, default "
+                   "model) or full (GPU); flags you pass override it")
+    run = p.add_argument_group("run")
+    _add_fields(run, "run", _run_config_class())
+    for section, cls in SECTIONS.items():
+        _add_fields(p.add_argument_group(section), section, cls)
+    p.set_defaults(run=run_train, check=check_train)
+
+
+def build_settings(args: argparse.Namespace):
+    """Settings from preset + flags; ValueError (from the configs' own checks) on bad values."""
+    from selfspec.training.pipeline import RunConfig, Settings
+
+    chosen = preset(getattr(args, "preset", None))
+    values: dict[str, dict[str, Any]] = {s: dict(chosen.get(s, {})) for s in ("run", *SECTIONS)}
+    for key, value in vars(args).items():
+        if "__" in key:
+            section, name = key.split("__", 1)
+            values[section][name] = value
+    classes = {"run": RunConfig, **SECTIONS}
+    return Settings(**{s: classes[s](**v) for s, v in values.items()})
+
+
+def check_train(args: argparse.Namespace) -> None:
+    from selfspec.training.pipeline import check_work_dir
+
+    try:
+        settings = build_settings(args)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+    args.settings = settings
+    if not settings.data.sources:
+        raise UsageError("no training data; pass --data FILE_OR_DATASET (JSON/JSONL/TXT file or hub dataset name)")
+    for source in settings.data.sources:
+        path = Path(source).expanduser()
+        if path.suffix in (".json", ".jsonl", ".txt") and not path.is_file():
+            raise UsageError(f"--data {source}: file not found")
+    check_model_arg(settings.run.model)
+    out = Path(settings.run.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    try:
+        check_work_dir(settings.run)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from selfspec.training.pipeline import run
+
+    summary = run(args.settings)
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("out", "kind", "tau_calibrated_tree", "wall_s")}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- export
+def add_export(sub: argparse._SubParsersAction) -> None:
+    from selfspec.training.export import ENGINES, FORMATS
+
+    p = sub.add_parser(
+        "export", help="write a trained drafter in the layout vLLM / SGLang load",
+        description="Export a selfspec drafter: --format eagle (EAGLE-1 layout: vLLM method=eagle, SGLang EAGLE), "
+        "medusa (vLLM method=medusa). eagle3 is refused with the reason (see the docs).")
+    p.add_argument("--drafter", required=True, help="'default' or a directory written by selfspec train")
+    p.add_argument("--format", required=True, choices=FORMATS, help="checkpoint layout")
+    p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+    p.add_argument("--engine", default="vllm", choices=ENGINES, help="engine whose config naming to use (default: %(default)s)")
+    p.add_argument("--model", default="default", help="the target the drafter was trained for (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="stored dtype (default: as trained)")
+    p.set_defaults(run=run_export, check=check_export)
+
+
+def check_export(args: argparse.Namespace) -> None:
+    from selfspec.drafters.base import read_drafter_config
+    from selfspec.models import resolve_drafter_dir
+    from selfspec.training.export import check_format
+
+    try:
+        meta = read_drafter_config(resolve_drafter_dir(args.drafter))
+        check_format(meta["kind"], args.format, args.engine)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    check_model_arg(args.model)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import selfspec
+    from selfspec.training.export import export
+
+    model, _ = selfspec.load_target(args.model, device="cpu")
+    drafter = selfspec.load_drafter(args.drafter, model)
+    out = export(drafter, model, args.format, args.out, args.engine, args.dtype)
+    print(f"exported {drafter.kind} drafter as {args.format} ({args.engine}) to {out}")
+    return 0

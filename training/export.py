@@ -1,0 +1,163 @@
+"""Export a trained drafter in the checkpoint layouts vLLM and SGLang load.
+
+Each layout is written so that the serving engine computes exactly what the selfspec drafter
+computes (tests check this against a torch reference of each engine's forward):
+
+``eagle`` -- EAGLE-1 layout: vLLM ``method="eagle"`` (``EagleLlamaForCausalLM``,
+    vllm/model_executor/models/llama_eagle.py) and SGLang ``--speculative-algorithm EAGLE``
+    (``LlamaForCausalLMEagle``, python/sglang/srt/models/llama_eagle.py). Both read
+    ``fc(cat[embed(x), h])`` through Llama decoder layers whose layer 0 has no input norm, and
+    return ``hidden + residual`` to the target's own lm_head. The selfspec layer *does* normalize
+    its input, so the export puts an idle layer 0 first (zero o_proj and down_proj: it passes the
+    fc output through as the residual) and the trained layer second, whose input norm the engines
+    keep. ``fc``'s columns are swapped (selfspec feeds ``[h; e]``). Plain ``config.json``
+    (LlamaConfig): ``architectures`` is ``LlamaForCausalLM`` for vLLM (its EAGLEConfig renames it
+    ``EagleLlamaForCausalLM``) and ``LlamaForCausalLMEagle`` for SGLang (``--engine``).
+    ``embed_tokens`` and ``lm_head`` are not written: both engines share the target's.
+``medusa`` -- vLLM ``method="medusa"`` (``MedusaModel``, vllm/model_executor/models/medusa.py,
+    vllm/transformers_utils/configs/medusa.py): ``blocks.{i}.layers.{j}.{weight,bias}`` (the
+    same ``x + SiLU(W x + b)`` blocks, ``medusa_fc_bias: true``) and one shared ``lm_head.weight``
+    (``original_lm_head: true``) with any LoRA merged into it; a reduced draft vocabulary becomes
+    ``truncated_vocab_size`` + ``token_map``. SGLang has no Medusa support.
+``eagle3`` -- the EAGLE-3 layout (``midlayer.*``, ``hidden_norm``, 2H-wide q/k/v, ``d2t``/``t2d``)
+    normalizes the token embedding and the hidden state separately and keeps the hidden state as
+    the residual; the selfspec EAGLE layer normalizes ``fc([h; e])`` as one vector, which no
+    EAGLE-3 weights can reproduce, so this format is refused with that explanation rather than
+    written wrong. Use ``eagle``.
+
+Layouts were taken from the vLLM and SGLang sources named above (vLLM V1 engine, 2025 main
+branch; SGLang 0.4/0.5 era); neither engine runs on this project's CPU test machines, so the
+tests check names, shapes, config fields and the reference forward, not a live engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from selfspec.drafters.base import VocabProjection
+from selfspec.training.utils import publish
+
+FORMATS = ("eagle", "eagle3", "medusa")
+ENGINES = ("vllm", "sglang")
+EAGLE_ARCHITECTURE = {"vllm": "LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle"}
+EAGLE3_REFUSAL = (
+    "the EAGLE-3 layout normalizes the token embedding and the hidden state separately (2H-wide q/k/v, the "
+    "hidden state as residual, a final norm before its own lm_head), while the selfspec EAGLE layer normalizes "
+    "fc([h; e]) as one vector; no EAGLE-3 checkpoint computes the same function, so none is written. "
+    "Export with --format eagle (EAGLE-1 layout, loaded by vLLM method=eagle and SGLang EAGLE)")
+
+
+def check_format(kind: str, fmt: str, engine: str = "vllm") -> None:
+    """Raise ValueError when ``fmt`` cannot hold a drafter of ``kind`` (before loading anything)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if fmt == "eagle3":
+        raise ValueError(EAGLE3_REFUSAL)
+    want = "medusa" if fmt == "medusa" else "eagle"
+    if kind != want:
+        raise ValueError(f"--format {fmt} exports {want} drafters, but this drafter is {kind}")
+    if fmt == "medusa" and engine == "sglang":
+        raise ValueError("SGLang has no Medusa support; export --format medusa for vLLM (--engine vllm)")
+
+
+def readout_weight(drafter: Any, model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The drafter's effective read-out ``[Vd, H]`` (LoRA merged) and its draft ids ``[Vd]`` or None."""
+    vocab = drafter.vocab
+    if vocab is None:
+        return model.get_output_embeddings().weight.detach(), None
+    base = next(m for m in vocab.modules() if isinstance(m, VocabProjection))
+    weight = base.proj.weight.detach().clone()
+    for module in vocab.modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "active_adapters"):
+            for name in module.active_adapters:
+                weight = weight + module.get_delta_weight(name).detach().to(weight.dtype)
+    return weight, drafter.draft_ids
+
+
+def medusa_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    c = drafter.config
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError("the target's lm_head has a bias, which vLLM's Medusa lm_head cannot hold")
+    tensors = {}
+    for i, head in enumerate(drafter.heads):
+        for j, block in enumerate(head):
+            tensors[f"blocks.{i}.layers.{j}.weight"] = block.linear.weight.detach()
+            tensors[f"blocks.{i}.layers.{j}.bias"] = block.linear.bias.detach()
+    weight, ids = readout_weight(drafter, model)
+    tensors["lm_head.weight"] = weight
+    if ids is not None:
+        tensors["token_map"] = ids.detach().long()
+    config = {
+        "architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size, "num_heads": c.num_heads, "num_hidden_layers": c.num_layers,
+        "truncated_vocab_size": int(weight.shape[0]), "medusa_fc_bias": True, "original_lm_head": True,
+        "max_paths": len(drafter.tree.paths()), "topk": 10,
+    }
+    return config, tensors
+
+
+def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if drafter.vocab is not None and not isinstance(drafter.vocab, VocabProjection):
+        raise ValueError("this drafter has a LoRA read-out, but vLLM and SGLang EAGLE drafts read with the target's own "
+                         "lm_head; train without --lora-rank to export it")
+    c, layer = drafter.config, drafter.layer
+    h = c.hidden_size
+    fc = drafter.fc.weight.detach()  # [H, 2H] over [h; e]
+    tensors = {"fc.weight": torch.cat([fc[:, h:], fc[:, :h]], dim=1), "fc.bias": fc.new_zeros(h)}
+    names = {"self_attn.q_proj": layer.q_proj, "self_attn.k_proj": layer.k_proj, "self_attn.v_proj": layer.v_proj,
+             "self_attn.o_proj": layer.o_proj, "mlp.gate_proj": layer.gate_proj, "mlp.up_proj": layer.up_proj,
+             "mlp.down_proj": layer.down_proj}
+    for name, linear in names.items():  # layer 0 idles (zero output); layer 1 is the trained layer
+        tensors[f"layers.0.{name}.weight"] = torch.zeros_like(linear.weight)
+        tensors[f"layers.1.{name}.weight"] = linear.weight.detach()
+    tensors["layers.0.post_attention_layernorm.weight"] = torch.ones_like(layer.post_norm.weight)
+    tensors["layers.1.input_layernorm.weight"] = layer.input_norm.weight.detach()
+    tensors["layers.1.post_attention_layernorm.weight"] = layer.post_norm.weight.detach()
+    target = model.config.get_text_config()
+    config = {
+        "architectures": [EAGLE_ARCHITECTURE[engine]], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "num_hidden_layers": 2,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "vocab_size": c.vocab_size,
+        "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
+        "tie_word_embeddings": bool(getattr(target, "tie_word_embeddings", False)),
+        "bos_token_id": getattr(target, "bos_token_id", None), "eos_token_id": getattr(target, "eos_token_id", None),
+    }
+    return config, tensors
+
+
+def export(drafter: Any, model: Any, fmt: str, out: Path, engine: str = "vllm", dtype: str | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` for ``fmt`` under ``out`` (atomically)."""
+    check_format(drafter.kind, fmt, engine)
+    config, tensors = medusa_tensors(drafter, model) if fmt == "medusa" else eagle_tensors(drafter, model, engine)
+    cast = getattr(torch, dtype) if dtype else None
+    tensors = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v).contiguous().cpu()
+               for k, v in tensors.items()}
+    config["torch_dtype"] = str(next(v for v in tensors.values() if v.is_floating_point()).dtype).removeprefix("torch.")
+    note = {"format": fmt, "engine": engine, "source_kind": drafter.kind, "tree": drafter.tree.paths(),
+            "dropped": ["draft vocabulary (engines draft over the full vocabulary)"]
+            if fmt == "eagle" and drafter.draft_ids is not None else []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "selfspec_export.json").write_text(json.dumps(note, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        publish(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,179 @@
+"""What each drafter kind is trained to do, as ``nn.Module`` objectives over packed batches.
+
+A ``Pack`` is several cached sequences laid end to end (``batch_tokens`` rows); attention never
+crosses a sequence. The target is frozen and absent: its hidden states come from the feature
+cache, and its next-token distribution at row t is ``softmax(lm_head(h_t))``, recomputed here from
+the cached state through the frozen rows of ``lm_head`` (the draft vocabulary's, when reduced).
+
+Medusa: head k reads h_t and is scored by cross-entropy on token t+2+k (the target's own greedy
+token, the data being self-distilled), weighted ``decay**k``.
+
+EAGLE: the layer reads (h_t, x_{t+1}) and must output h_{t+1}: smooth-L1 regression on the feature
+plus soft cross-entropy of ``lm_head(output)`` against the target's distribution at t+1, with
+uniform noise on the input features (EAGLE's augmentation). Training-time test (EAGLE-3, in a
+simplified form): the layer is unrolled ``unroll`` steps; at step i the input at row t is the
+step-(i-1) prediction made at row t-1 (detached) with the true token x_{t+1}, and row t attends to
+what the matching draft-tree node would see at inference: the teacher-forced rows up to t-i (the
+committed prefix) and its own chain at rows t-i+1..t of steps 1..i. The earlier steps' inputs are
+computed without gradients through a drafter KV store (one block each), then all steps run in one
+differentiable forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from selfspec.cache import KVStore
+
+
+@dataclass(frozen=True)
+class Pack:
+    hidden: torch.Tensor  # [L, H] target hidden state at each row (h_t)
+    tokens: torch.Tensor  # [L] int64 token at each row (x_t)
+    seq: torch.Tensor  # [L] int64 sequence index within the pack
+    pos: torch.Tensor  # [L] int64 position within its sequence
+    length: torch.Tensor  # [L] int64 length of the row's sequence (as packed)
+    prompt_len: torch.Tensor  # [L] int64 prompt length of the row's sequence
+
+    def to(self, device: torch.device) -> Pack:
+        return Pack(*(t.to(device) for t in (self.hidden, self.tokens, self.seq, self.pos, self.length, self.prompt_len)))
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def shifted(x: torch.Tensor, k: int, fill: float = 0) -> torch.Tensor:
+    """Row t of the result is row t+k of ``x`` (``fill`` past the end). Callers mask rows whose
+    t+k leaves the sequence."""
+    if k == 0:
+        return x
+    pad = x.new_full((k, *x.shape[1:]), fill)
+    return torch.cat([x[k:], pad])
+
+
+def unroll_rows(pack: Pack, i: int, blocks: int) -> torch.Tensor:
+    """``[L, blocks * L]`` bool: what the rows of unrolled step i attend to in steps 0..blocks-1.
+
+    Row t of step i (a depth-i draft node whose committed prefix ends at row t-i) sees step 0 at
+    rows s <= t - i and step j (1 <= j <= i) at row s == t - (i - j), always within its sequence."""
+    rows = torch.arange(pack.rows, device=pack.seq.device)
+    same = pack.seq[:, None] == pack.seq[None, :]  # [L, L]
+    diff = rows[:, None] - rows[None, :]  # t - s
+    parts = [same & (diff >= i) if j == 0 else same & (diff == i - j) if j <= i else torch.zeros_like(same)
+             for j in range(blocks)]
+    return torch.cat(parts, dim=1)
+
+
+def unroll_mask(pack: Pack, steps: int) -> torch.Tensor:
+    """``[steps * L, steps * L]`` bool attention of the whole unrolled layer (step 0 = causal)."""
+    return torch.cat([unroll_rows(pack, i, steps) for i in range(steps)], dim=0)
+
+
+@torch.no_grad()
+def unroll_no_grad(drafter: nn.Module, pack: Pack, hidden: torch.Tensor, next_tokens: torch.Tensor,
+                   steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run the EAGLE layer ``steps`` unrolled steps without gradients, one block at a time through a
+    drafter KV store. Returns the input features of steps 0..steps (``[L, H]`` each; step 0 is
+    ``hidden``) and the outputs of steps 0..steps-1."""
+    n, c = pack.rows, drafter.config
+    store = KVStore(1, c.num_kv_heads, c.head_dim, max(steps, 1) * n, dtype=hidden.dtype, device=hidden.device)
+    inputs, outputs = [hidden], []
+    for i in range(steps):
+        x = drafter.step_input(inputs[i], next_tokens)
+        out = drafter.layer(x, pack.pos, store, offset=i * n, mask=unroll_rows(pack, i, i + 1))  # [L, H]
+        prev = torch.cat([out.new_zeros(1, out.shape[1]), out[:-1]])  # row t <- the prediction made at row t-1
+        inputs.append(prev * (pack.pos > 0)[:, None].to(prev.dtype))
+        outputs.append(out)
+    return inputs, outputs
+
+
+class TargetReadout(nn.Module):
+    """The frozen target's logits over the draft vocabulary: ``[N, H] -> [N, Vd]`` (no LoRA)."""
+
+    def __init__(self, lm_head: nn.Module, draft_ids: torch.Tensor | None):
+        super().__init__()
+        weight = lm_head.weight.detach()
+        bias = getattr(lm_head, "bias", None)
+        if draft_ids is not None:
+            weight = weight[draft_ids.to(weight.device)]
+            bias = None if bias is None else bias.detach()[draft_ids.to(weight.device)]
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
+
+
+def draft_labels(tokens: torch.Tensor, target_to_draft: torch.Tensor | None) -> torch.Tensor:
+    """Target token ids -> draft vocabulary indices (-100, ignored, where not in it)."""
+    return tokens if target_to_draft is None else target_to_draft[tokens]
+
+
+class MedusaObjective(nn.Module):
+    def __init__(self, drafter: nn.Module, decay: float, target_to_draft: torch.Tensor | None):
+        super().__init__()
+        self.drafter, self.decay = drafter, decay
+        self.register_buffer("t2d", target_to_draft, persistent=False)
+
+    def forward(self, pack: Pack) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.drafter
+        heads = d.head_hidden(pack.hidden.to(next(d.parameters()).dtype))  # [L, K, H]
+        loss, total, metrics = 0.0, 0.0, {}
+        for k in range(heads.shape[1]):
+            ahead = 2 + k
+            labels = draft_labels(shifted(pack.tokens, ahead), self.t2d)
+            valid = (pack.pos + ahead < pack.length) & (pack.pos + ahead >= pack.prompt_len) & (labels >= 0)
+            logits = d.draft_logits(heads[valid, k]).float()  # [n, Vd]
+            ce = F.cross_entropy(logits, labels[valid], reduction="sum")
+            n = valid.sum()
+            w = self.decay**k
+            loss = loss + w * ce / n.clamp(min=1)
+            total += w
+            metrics[f"head{k}/loss_sum"] = ce.detach()
+            metrics[f"head{k}/correct"] = (logits.argmax(-1) == labels[valid]).sum()
+            metrics[f"head{k}/count"] = n
+        return loss / total, metrics
+
+
+class EagleObjective(nn.Module):
+    def __init__(self, drafter: nn.Module, readout: TargetReadout, unroll: int, feature_weight: float,
+                 token_weight: float, step_decay: float, loss_on_prompt: bool):
+        super().__init__()
+        self.drafter, self.readout = drafter, readout
+        self.unroll, self.step_decay = unroll, step_decay
+        self.feature_weight, self.token_weight = feature_weight, token_weight
+        self.loss_on_prompt = loss_on_prompt
+
+    def forward(self, pack: Pack, noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d, k, n = self.drafter, self.unroll, pack.rows
+        dtype = next(d.parameters()).dtype
+        hidden = pack.hidden.to(dtype)
+        next_tokens = shifted(pack.tokens, 1)
+        target_h = shifted(hidden, 1)  # h_{t+1}
+        with torch.no_grad():
+            target_p = self.readout(target_h).softmax(-1)  # [L, Vd] the target's distribution at t+1
+        inputs, _ = unroll_no_grad(d, pack, hidden + noise.to(dtype), next_tokens, k - 1)
+        x = d.step_input(torch.cat(inputs), next_tokens.repeat(k))
+        out = d.layer(x, pack.pos.repeat(k), mask=unroll_mask(pack, k)).view(k, n, -1)  # [k, L, H]
+        has_next = pack.pos + 1 < pack.length
+        in_reply = (pack.pos + 2 >= pack.prompt_len) | self.loss_on_prompt
+        loss, total, metrics = 0.0, 0.0, {}
+        for i in range(k):
+            valid = has_next & in_reply & (pack.pos >= i)
+            cnt = valid.sum()
+            feat = F.smooth_l1_loss(out[i][valid].float(), target_h[valid].float(), reduction="none").mean(-1).sum()
+            logp = d.draft_logits(out[i][valid]).float().log_softmax(-1)
+            tok = -(target_p[valid] * logp).sum()
+            w = self.step_decay**i
+            loss = loss + w * (self.feature_weight * feat + self.token_weight * tok) / cnt.clamp(min=1)
+            total += w
+            metrics[f"step{i}/feature_loss_sum"] = feat.detach()
+            metrics[f"step{i}/token_loss_sum"] = tok.detach()
+            metrics[f"step{i}/correct"] = (logp.argmax(-1) == target_p[valid].argmax(-1)).sum()
+            metrics[f"step{i}/count"] = cnt
+        return loss / total, metrics

@@ -1,0 +1,168 @@
+"""``selfspec train`` end to end: data -> self-distillation -> features -> training -> calibration.
+
+Every stage caches its output under the work directory and reuses it when run again with the
+same settings, so a killed run restarted with ``--resume`` redoes nothing that was finished:
+distillation continues after the last fsynced batch, feature capture after the last shard,
+training from the last checkpoint. Held-out examples (never trained on) calibrate the tree and
+give the tau measured with ``selfspec.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import selfspec
+from selfspec.training import features as feats
+from selfspec.training.calibrate import CalibrationConfig, calibrate
+from selfspec.training.data import DataConfig, load_all, split_held_out
+from selfspec.training.distill import DistillConfig, distill, sequences
+from selfspec.training.features import FeatureConfig
+from selfspec.training.trainer import TrainConfig, Trainer, measure_tau
+from selfspec.training.utils import Dist, atomic_write_text, publish
+
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class RunConfig:
+    out: str = dataclasses.field(default="", metadata={"help": "directory the trained drafter is saved to"})
+    work_dir: str = dataclasses.field(default="", metadata={"help": "caches and checkpoints (default: OUT.work)"})
+    model: str = dataclasses.field(default="default", metadata={"help": "target model: default, hub id, dir, .gguf"})
+    dtype: str | None = dataclasses.field(default=None, metadata={"help": "target dtype (default: fp32 CPU, bf16 CUDA)"})
+    held_out: int = dataclasses.field(default=24, metadata={"help": "examples kept out of training (calibration, tau)"})
+    save_dtype: str = dataclasses.field(default="float16", metadata={"help": f"stored weight dtype: {', '.join(SAVE_DTYPES)}"})
+    wandb: str = dataclasses.field(default="offline", metadata={"help": "W&B mode: offline, online, disabled"})
+    wandb_project: str = dataclasses.field(default="selfspec", metadata={"help": "W&B project"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue an interrupted run in WORK_DIR"})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": "delete WORK_DIR's caches and start over"})
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("--out is required: the directory the trained drafter is written to")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.held_out < 1:
+            raise ValueError(f"held_out must be >= 1 (calibration needs held-out data), got {self.held_out}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pick one")
+        self.work_dir = self.work_dir or f"{self.out.rstrip('/')}.work"
+
+
+@dataclass
+class Settings:
+    run: RunConfig
+    data: DataConfig
+    distill: DistillConfig
+    features: FeatureConfig
+    train: TrainConfig
+    calibrate: CalibrationConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def check_work_dir(run: RunConfig) -> None:
+    """A work dir with checkpoints needs --resume or --overwrite (never a silent restart)."""
+    latest = Path(run.work_dir) / "checkpoints" / "latest"
+    if latest.is_file() and not (run.resume or run.overwrite):
+        raise ValueError(f"{run.work_dir} holds a training run ({latest.read_text().strip()}); "
+                         "pass --resume to continue it or --overwrite to start over")
+
+
+def save_drafter(drafter: selfspec.Drafter, out: Path, dtype: str) -> Path:
+    """``save_pretrained`` then store float weights in ``dtype`` (load upcasts to the target's)."""
+    from safetensors.torch import load_file, save_file
+
+    from selfspec.drafters.base import WEIGHTS_NAME
+
+    drafter.save_pretrained(out)
+    path = out / WEIGHTS_NAME
+    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={"kind": drafter.kind})
+    tmp.replace(path)
+    publish(out)  # save_pretrained builds in a private temp dir; the result is for everyone to read
+    return out
+
+
+def _say(dist: Dist, text: str) -> None:
+    if dist.is_main:
+        print(f"[train] {text}", flush=True)
+
+
+def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist) -> dict[str, Any]:
+    """Load the examples, self-distill them, capture features; returns what training needs."""
+    examples, reports = load_all(s.data, seed=s.train.seed)
+    for r in reports:
+        _say(dist, r.summary())
+    train_ex, held_ex = split_held_out(examples, s.run.held_out)
+    records, dreport = distill(model, tokenizer, train_ex + held_ex, work / "distill", s.distill, dist)
+    _say(dist, dreport.summary())
+    held_ids = {e.id for e in held_ex}
+    items = list(sequences(records))
+    freport = feats.capture(model, [i for i in items if i[0] not in held_ids], work / "features" / "train", s.features, dist)
+    hreport = feats.capture(model, [i for i in items if i[0] in held_ids], work / "features" / "held_out", s.features, dist)
+    _say(dist, freport.summary())
+    return {
+        "train": feats.load(work / "features" / "train"), "held_out": feats.load(work / "features" / "held_out"),
+        "tau_prompts": [r["prompt_ids"] for r in records if r["id"] in held_ids],
+        "reports": {"data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
+                    "distill": dataclasses.asdict(dreport), "features": dataclasses.asdict(freport),
+                    "held_out_features": dataclasses.asdict(hreport)},
+    }
+
+
+def _finish(s: Settings, trainer: Trainer, result: Any, data: dict[str, Any], model: Any, started: float) -> dict[str, Any]:
+    """Calibrate the tree on held-out data, measure tau with it, save the drafter and the summary."""
+    out, drafter = Path(s.run.out), trainer.drafter
+    cal = calibrate(drafter, model, data["held_out"], s.calibrate)
+    _say(trainer.dist, cal.summary())
+    tau = measure_tau(model, drafter, data["tau_prompts"][: max(1, s.train.tau_prompts)], s.train.tau_new_tokens)
+    save_drafter(drafter, out, s.run.save_dtype)
+    summary = {
+        "out": str(out), "kind": drafter.kind, "own_parameters": drafter.num_parameters_own(), **data["reports"],
+        "train": {"steps": result.step, "seconds": round(result.seconds, 1), "tokens_per_s": round(result.tokens_per_s, 1),
+                  "final": result.metrics, "tau": result.tau},
+        "calibration": {"acceptance": cal.acceptance.tolist(), "positions": cal.positions, "tree": cal.paths,
+                        "expected_tau": cal.expected_tau},
+        "tau_calibrated_tree": tau, "wall_s": round(time.perf_counter() - started, 1), "settings": s.to_dict(),
+    }
+    atomic_write_text(out / "training.json", json.dumps(summary, indent=2, default=str) + "\n")
+    trainer.tracker.summary({"tau_calibrated_tree": tau, "expected_tau": cal.expected_tau})
+    _say(trainer.dist, f"saved {drafter.kind} drafter ({drafter.num_parameters_own():,} parameters) to {out}; "
+                       f"held-out tau {tau:.2f} with the calibrated tree")
+    return summary
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Train a drafter as ``settings`` say; returns the summary also written to OUT/training.json
+    (on the main process; other ranks return {})."""
+    from accelerate import Accelerator
+
+    s, started, work = settings, time.perf_counter(), Path(settings.run.work_dir)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+    dist = Dist.from_accelerator(accelerator)
+    model, tokenizer = selfspec.load_target(s.run.model, dtype=s.run.dtype, device=accelerator.device)
+    if s.run.overwrite and dist.is_main:
+        shutil.rmtree(work, ignore_errors=True)
+    dist.barrier()
+    data = _stage_data(s, model, tokenizer, work, dist)
+    trainer = Trainer(model, data["train"], s.train, work, tau_prompts=data["tau_prompts"], wandb_mode=s.run.wandb,
+                      wandb_project=s.run.wandb_project, accelerator=accelerator)
+    trainer.tracker.summary({"settings": s.to_dict()})
+    result = trainer.train(resume=s.run.resume)
+    summary = _finish(s, trainer, result, data, model, started) if dist.is_main else {}
+    hint = trainer.tracker.finish()
+    if hint:
+        _say(dist, f"W&B run saved offline; upload it with: {hint}")
+    accelerator.wait_for_everyone()
+    return summary
