@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from selfspec.cli import UsageError, check_model_arg
+from selfspec.cli import TREE_HELP, UsageError, check_model_arg
 from selfspec.eval.methods import METHODS
 
 DEFAULT_OUT = "runs/eval"
@@ -54,6 +54,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, help="top-k sampling (default: off)")
     p.add_argument(
         "--seed", type=int, default=0, help="seed set before every sampled generation (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tree", default="static", help="for the selfspec method: " + TREE_HELP + " (default: %(default)s)"
+    )
+    p.add_argument(
+        "--acceptance",
+        choices=["exact", "typical"],
+        default="exact",
+        help="for the selfspec method: 'exact' is lossless; 'typical' (Medusa) accepts more when sampling "
+        "but no longer follows the model's distribution (at temperature 0 it is greedy) (default: %(default)s)",
     )
     p.add_argument(
         "--turns",
@@ -189,6 +199,8 @@ def check_eval(args: argparse.Namespace) -> None:
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed,
+            tree=args.tree,
+            acceptance=args.acceptance,
             turns=args.turns,
             limit=args.limit,
             per_category=args.per_category,

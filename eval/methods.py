@@ -110,10 +110,12 @@ class HFMethod:
 
 
 class SelfspecMethod:
-    """``selfspec.generate`` with or without a drafter."""
+    """``selfspec.generate`` with or without a drafter; ``tree`` and ``acceptance`` are passed as
+    given (they only matter with a drafter)."""
 
-    def __init__(self, name: str, model: Any, drafter: Any):
+    def __init__(self, name: str, model: Any, drafter: Any, tree: Any = "static", acceptance: str = "exact"):
         self.name, self.model, self.drafter = name, model, drafter
+        self.tree, self.acceptance = tree, acceptance
         self.accepted = selfspec_parameters()
 
     def generate(
@@ -129,6 +131,8 @@ class SelfspecMethod:
             drafter=self.drafter,
             max_new_tokens=max_new_tokens,
             streamer=streamer,
+            tree=self.tree,
+            acceptance=self.acceptance,
             **sampling.selfspec_kwargs(self.accepted),
         )
         s = result.stats
@@ -149,8 +153,10 @@ def build_methods(
     drafter: Any = None,
     assistant: Any = None,
     pld_tokens: int = 10,
+    tree: Any = "static",
+    acceptance: str = "exact",
 ) -> dict[str, Any]:
-    """name -> method object, in the order given."""
+    """name -> method object, in the order given. ``tree``/``acceptance`` apply to 'selfspec'."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[str, Any] = {}
     for name in names:
@@ -169,7 +175,7 @@ def build_methods(
                 raise ValueError(
                     "method 'selfspec' needs a drafter; pass --drafter DIR or drop it from --methods"
                 )
-            out[name] = SelfspecMethod(name, model, drafter)
+            out[name] = SelfspecMethod(name, model, drafter, tree, acceptance)
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return out

@@ -180,7 +180,8 @@ def markdown(results: dict[str, Any]) -> str:
     n_questions = len({r["key"] for r in results["records"]})
     setting = (
         f"{n_questions} questions ({', '.join(c['questions'])}), turns: {c['turns']}, {sampling}, "
-        f"max {c['max_new_tokens']} new tokens, {c['repeats']} repeat(s) (medians), warm-up {c['warmup']}; "
+        f"max {c['max_new_tokens']} new tokens, {c['repeats']} repeat(s) (medians), warm-up {c['warmup']}, "
+        f"selfspec tree {c.get('tree', 'static')}, {c.get('acceptance', 'exact')} acceptance; "
         "methods interleaved, order rotated per question and repeat."
     )
     legend = (

@@ -15,7 +15,8 @@ Files in ``--out DIR``:
       "schema_version": 1,
       "complete": bool,              # every selected question finished
       "config": {...},               # EvalConfig fields (model, drafter, methods, max_new_tokens,
-                                     #  temperature, top_p, top_k, seed, turns, limit, repeats, ...)
+                                     #  temperature, top_p, top_k, seed, tree, acceptance, turns,
+                                     #  limit, repeats, ...)
       "environment": [Env, ...],     # one per invocation; Record.session indexes it
       "models": {"target": {"name", "dtype", "param_bytes"},
                  "drafter": {"name", "kind", "param_bytes", "overhead_vs_target"} | null,
@@ -37,7 +38,8 @@ Files in ``--out DIR``:
       "prompt_tokens", "new_tokens", "tokens": [int] (first repeat), "text",
       "wall_s", "tokens_per_s", "ttft_s", "prefill_s" | null,      # medians over repeats
       "peak_mem_bytes",                                            # max over repeats
-      "runs": [{"wall_s", "ttft_s", "new_tokens", "peak_mem_bytes", "order"}],  # each repeat
+      "runs": [{"wall_s", "ttft_s", "new_tokens", "peak_mem_bytes", "order",   # each repeat
+                "tree_nodes" (nodes verified per step; null for hf/pld/assisted)}],
       "steps", "tau", "accepted_hist": [int], "accepted_by_depth": [float] | null,
       "same_across_repeats": bool,
       "exact_match": bool | null,    # greedy only, against the hf record of the same turn

@@ -59,6 +59,12 @@ class EvalConfig:
     top_p: float | None = field(default=None, metadata=_h("nucleus sampling; None is off"))
     top_k: int | None = field(default=None, metadata=_h("top-k sampling; None is off"))
     seed: int = field(default=0, metadata=_h("torch seed set before every sampled generation"))
+    tree: str | int = field(
+        default="static", metadata=_h("selfspec's draft tree: static, dynamic, auto or N nodes")
+    )
+    acceptance: str = field(
+        default="exact", metadata=_h("selfspec's acceptance: exact (lossless) or typical (lossy)")
+    )
     turns: str = field(default="first", metadata=_h("'first' or 'all' (the model's answers fed back)"))
     limit: int | None = field(default=None, metadata=_h("first K questions of each file"))
     per_category: int | None = field(default=None, metadata=_h("at most K questions per category"))
@@ -110,6 +116,11 @@ class EvalConfig:
         if self.wandb not in MODES:
             raise ValueError(f"--wandb must be one of {', '.join(MODES)}, got {self.wandb!r}")
         self.sampling()  # validates temperature / top-p / top-k
+        from selfspec.cli import parse_tree
+
+        self.tree = parse_tree(self.tree)
+        if self.acceptance not in ("exact", "typical"):
+            raise ValueError(f"--acceptance must be 'exact' or 'typical', got {self.acceptance!r}")
 
     def sampling(self) -> M.Sampling:
         return M.Sampling(self.temperature, self.top_p, self.top_k, self.seed)
@@ -154,7 +165,16 @@ def load(config: EvalConfig) -> Context:
             config.assistant, dtype=config.dtype, device=config.device
         )
         M.check_same_tokenizer(tokenizer, assistant_tok, config.assistant)
-    methods = M.build_methods(config.methods, model, tokenizer, drafter, assistant, config.pld_tokens)
+    methods = M.build_methods(
+        config.methods,
+        model,
+        tokenizer,
+        drafter,
+        assistant,
+        config.pld_tokens,
+        tree=config.tree,
+        acceptance=config.acceptance,
+    )
     info = models_info(config, model, drafter, assistant)
     return Context(config, model, tokenizer, methods, info, PeakMemory(model.device), info["target"]["dtype"])
 
@@ -250,7 +270,7 @@ def make_record(
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
         "runs": [
             {k: r[k] for k in ("wall_s", "ttft_s", "peak_mem_bytes", "order")}
-            | {"new_tokens": len(r["tokens"])}
+            | {"new_tokens": len(r["tokens"]), "tree_nodes": r.get("tree_nodes")}
             for r in runs
         ],
         "steps": steps,

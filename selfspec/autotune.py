@@ -10,6 +10,11 @@ calibration; a prior when the drafter was never calibrated):
     tokens/s(N) ~ tau(N) / (draft_s(N) + verify_s(N)),   tau(N) = 1 + sum of the N-1 best path
                                                           acceptance products (best-first tree)
 
+Budget 1 is plain decoding (no drafting: tau = 1, cost = one decode step), so "auto" never
+picks a tree that is expected to be slower than not speculating at all: on a small CPU, where a
+verify over a dozen nodes costs about twice a decode step, it may pick exactly that. Candidate
+trees are ``DynamicTree.sized(N)``: they draft no deeper or wider than N nodes can keep.
+
 The choice is cached in ``$SELFSPEC_CACHE/autotune.json``.
 """
 
@@ -28,9 +33,10 @@ from transformers import PreTrainedModel
 from selfspec.drafters import Drafter
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
 from selfspec.models import cache_dir
-from selfspec.tree import DynamicTree, prior_acceptance, tree_from_acceptance
+from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
 
-CANDIDATES = (4, 8, 16, 24, 32, 48, 64)
+CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
+VERSION = 2  # bump when the candidates or the cost model change: older cache entries are re-measured
 
 
 def expected_tau(acceptance: torch.Tensor, budget: int) -> float:
@@ -74,10 +80,13 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
     out = {}
     with selfspec_attention(model):
         for n in budgets:
-            spec = DynamicTree(budget=n)
+            spec = DynamicTree.sized(n)
             cache = StoreCache(new_store(model, prefix + spec.pool_size + 1))
             first = target_forward(model, cache, ids)
             cache.store.commit(torch.arange(prefix))
+            if n == 1:  # plain decoding: no draft, a one-token step
+                out[n] = (0.0, _median_s(lambda c=cache: target_forward(model, c, ids[-1:]), repeats))
+                continue
 
             def draft(first=first, spec=spec):
                 state = drafter.begin(prefix + spec.pool_size + 1)
@@ -96,15 +105,19 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
 def _key(model: PreTrainedModel, drafter: Drafter) -> str:
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return f"{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|{drafter.num_parameters_own()}"
+    return (f"v{VERSION}|{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|"
+            f"{drafter.num_parameters_own()}")
 
 
-def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES) -> DynamicTree:
-    """The dynamic tree whose budget maximizes expected tokens/s here (measured once, cached)."""
+def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES) -> DynamicTree | TreeBuffers:
+    """The dynamic tree whose budget maximizes expected tokens/s here (measured once, cached);
+    the root-only tree (plain decoding) when no tree is expected to beat it."""
     path = cache_dir() / "autotune.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
     key = _key(model, drafter)
     if key not in table:
+        if any(int(n) < 1 for n in budgets):
+            raise ValueError(f"tree budgets must be >= 1 node, got {tuple(budgets)}")
         acc = drafter_acceptance(drafter, DynamicTree())
         costs = measure(model, drafter, budgets)
         rates = {n: expected_tau(acc, n) / (d + v) for n, (d, v) in costs.items()}
@@ -112,7 +125,8 @@ def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES) -> D
         table[key] = {"budget": best, "expected_tokens_per_s": rates,
                       "draft_s": {n: c[0] for n, c in costs.items()}, "verify_s": {n: c[1] for n, c in costs.items()}}
         _write_json(path, table)
-    return DynamicTree(budget=int(table[key]["budget"]))
+    budget = int(table[key]["budget"])
+    return chain(0) if budget == 1 else DynamicTree.sized(budget)
 
 
 def _write_json(path: Path, data: dict) -> None:

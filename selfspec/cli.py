@@ -62,10 +62,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--tree", default="static",
-                   help="draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step "
-                        "from the drafter's confidence), N (dynamic with N nodes), or 'auto' (the size "
-                        "measured fastest on this device, cached) (default: %(default)s)")
+    p.add_argument("--tree", default="static", help=TREE_HELP + " (default: %(default)s)")
     p.add_argument("--acceptance", choices=["exact", "typical"], default="exact",
                    help="'exact' is lossless; 'typical' (Medusa) accepts more but is lossy (default: %(default)s)")
 
@@ -78,13 +75,26 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    tree: Any = args.tree
-    if tree not in ("static", "dynamic", "auto"):
-        if not str(tree).isdigit() or int(tree) < 1:
-            raise UsageError(f"--tree {tree!r} must be static, dynamic, auto or a positive node count")
-        tree = int(tree)
+    try:
+        tree = parse_tree(args.tree)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
             "tree": tree, "acceptance": args.acceptance}
+
+
+TREE_HELP = ("draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step from the "
+             "drafter's confidence), N (dynamic with N nodes; 1 = no drafting), or 'auto' (the size measured "
+             "fastest on this device, cached; may be 1 where drafting does not pay)")
+
+
+def parse_tree(value: Any) -> str | int:
+    """A --tree value as generate(tree=...) takes it: 'static' | 'dynamic' | 'auto' | node count."""
+    if value in ("static", "dynamic", "auto"):
+        return value
+    if not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"--tree {value!r} must be static, dynamic, auto or a positive node count")
+    return int(value)
 
 
 def check_generate(args: argparse.Namespace) -> None:

@@ -179,7 +179,7 @@ def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel)
     if isinstance(tree, int) and not isinstance(tree, bool):
         if tree < 1:
             raise ValueError(f"tree size must be >= 1 node, got {tree}")
-        return DynamicTree(budget=tree)
+        return ROOT_ONLY if tree == 1 else DynamicTree.sized(tree)
     raise ValueError(f"tree={tree!r} is not understood; pass 'static', 'dynamic', 'auto', a node count, "
                      "or a TreeBuffers / DynamicTree")
 
@@ -231,6 +231,8 @@ def generate(
 
 def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> GenerationResult:
     start = time.perf_counter()
+    if isinstance(tree, TreeBuffers) and tree.size == 1:
+        drafter = None  # a root-only tree drafts nothing (tree="auto" picks it where drafting does not pay)
     stats = Stats(tree_nodes=tree.budget if isinstance(tree, DynamicTree) else tree.size)
     _stream(streamer, prompt[None])
     max_len = prompt.numel() + max_new_tokens + _tree_rows(tree)

@@ -353,6 +353,16 @@ class DynamicTree:
             if getattr(self, name) < least:
                 raise ValueError(f"DynamicTree.{name} must be >= {least}, got {getattr(self, name)}")
 
+    @classmethod
+    def sized(cls, budget: int, depth: int = 6, top_k: int = 8, expand: int = 8) -> DynamicTree:
+        """A tree of ``budget`` nodes that drafts no more than it can keep: a path holds at most
+        budget - 1 drafted nodes, so depth, top-k and expand above that only add drafting work
+        (which matters for small budgets on CPUs)."""
+        if budget < 1:
+            raise ValueError(f"DynamicTree.budget must be >= 1, got {budget}")
+        cap = max(1, budget - 1)
+        return cls(depth=min(depth, cap), top_k=min(top_k, cap), expand=min(expand, cap), budget=budget)
+
     @property
     def pool_size(self) -> int:
         """Nodes drafted before selection, root included."""

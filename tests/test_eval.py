@@ -202,6 +202,31 @@ def test_sampled_runs_pass_options_through_and_are_seeded(assets, tmp_path):
     assert all(r["same_across_repeats"] for r in res["records"])  # the seed makes repeats identical
 
 
+def test_tree_and_acceptance_reach_selfspec(assets, tmp_path, monkeypatch):
+    seen = []
+    real = selfspec.generate
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("tree"), kwargs.get("acceptance"), kwargs.get("drafter") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selfspec, "generate", spy)
+    out = tmp_path / "out"
+    argv = eval_args(
+        assets, out, "--tree", "5", "--acceptance", "typical", "--limit", "1", methods="hf,selfspec"
+    )
+    assert main(argv) == 0
+    res = read_results(out)
+    assert res["config"]["tree"] == 5 and res["config"]["acceptance"] == "typical"
+    assert seen and all(s == (5, "typical", True) for s in seen)
+    # typical acceptance at temperature 0 is greedy, and a 5-node dynamic tree is lossless
+    assert all(r["exact_match"] for r in res["records"] if r["method"] == "selfspec")
+    assert all(
+        run["tree_nodes"] == 5 for r in res["records"] if r["method"] == "selfspec" for run in r["runs"]
+    )
+    assert "selfspec tree 5, typical acceptance" in (out / "report.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_after_interruption_skips_finished_questions(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -269,6 +294,14 @@ def _bad_inputs(assets, tmp_path):
         "out is a file": (["--questions", q, "--out", str(a_file)], "is a file"),
         "used out": (["--questions", q, "--out", str(used)], "already holds eval results"),
         "resume other settings": (["--questions", q, "--out", str(used), "--resume"], "max_new_tokens: 999"),
+        "tree 0": (
+            ["--questions", q, "--tree", "0"],
+            "must be static, dynamic, auto or a positive node count",
+        ),
+        "tree word": (
+            ["--questions", q, "--tree", "big"],
+            "must be static, dynamic, auto or a positive node count",
+        ),
         "selfspec without drafter": (
             ["--questions", q, "--methods", "selfspec", "--drafter", "none"],
             "needs a drafter",
@@ -287,6 +320,8 @@ BAD = [
     "out is a file",
     "used out",
     "resume other settings",
+    "tree 0",
+    "tree word",
     "selfspec without drafter",
 ]
 

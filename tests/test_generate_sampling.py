@@ -5,7 +5,7 @@ import torch
 from scipy.stats import chisquare
 
 import selfspec
-from selfspec.tree import DynamicTree
+from selfspec.tree import DynamicTree, TreeBuffers
 from tests.conftest import hf_greedy, make_tiny
 from tests.test_generate import randomized
 
@@ -147,6 +147,43 @@ def test_auto_tree_measures_once_and_caches(tiny_models, tmp_path, monkeypatch):
     assert autotune.auto_tree(model, drafter, budgets=(2, 6)) == spec
     out = selfspec.generate(model, torch.tensor([[1, 2]]), drafter=drafter, tree="auto", max_new_tokens=8)
     assert out.stats.new_tokens == 8
+
+
+def test_auto_tree_picks_plain_decoding_when_drafting_does_not_pay(tiny_models, tmp_path, monkeypatch):
+    from selfspec import autotune
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    model = tiny_models("llama")
+    drafter = selfspec.new_drafter("eagle", model)
+    # prior acceptance 0.6 at depth 1: a 2-node tree keeps 1.6 tokens a step; costing 2x a plain
+    # step (draft + verify), it makes 0.8 tokens per plain step's time, so plain decoding wins
+    monkeypatch.setattr(autotune, "measure", lambda m, d, budgets: {1: (0.0, 1.0), 2: (1.0, 1.0)})
+    spec = autotune.auto_tree(model, drafter, budgets=(1, 2))
+    assert isinstance(spec, TreeBuffers) and spec.size == 1
+    monkeypatch.setattr(drafter, "propose", lambda *a, **k: pytest.fail("drafted with a root-only tree"))
+    ids = torch.tensor([[1, 2, 3]])
+    out = selfspec.generate(model, ids, drafter=drafter, tree="auto", max_new_tokens=6, eos_token_id=[])
+    assert out.stats.tree_nodes == 1 and out.stats.steps == 5
+    assert out.sequences.tolist() == hf_greedy(model, ids, 6).tolist()
+
+
+def test_auto_tree_picks_a_tree_when_it_pays(tiny_models, tmp_path, monkeypatch):
+    from selfspec import autotune
+
+    monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
+    model = tiny_models("llama")
+    drafter = selfspec.new_drafter("eagle", model)
+    monkeypatch.setattr(autotune, "measure", lambda m, d, budgets: {n: (0.1, 1.0) if n > 1 else (0.0, 1.0) for n in budgets})
+    spec = autotune.auto_tree(model, drafter, budgets=(1, 4, 8))
+    assert spec == DynamicTree.sized(8)  # same cost, more nodes, more tokens: the biggest wins
+
+
+def test_sized_dynamic_tree_drafts_no_more_than_it_keeps():
+    assert DynamicTree.sized(4) == DynamicTree(depth=3, top_k=3, expand=3, budget=4)
+    assert DynamicTree.sized(64) == DynamicTree(budget=64)
+    assert DynamicTree.sized(2).pool_size == 2
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        DynamicTree.sized(0)
 
 
 def test_expected_tau_grows_with_budget():
