@@ -82,7 +82,7 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
         for n in budgets:
             spec = DynamicTree.sized(n)
             cache = StoreCache(new_store(model, prefix + spec.pool_size + 1))
-            first = target_forward(model, cache, ids)
+            first = target_forward(model, cache, ids, layers=drafter.feature_layers)
             cache.store.commit(torch.arange(prefix))
             if n == 1:  # plain decoding: no draft, a one-token step
                 out[n] = (0.0, _median_s(lambda c=cache: target_forward(model, c, ids[-1:]), repeats))
@@ -96,7 +96,7 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
             mask = TreeMask(tree_draft.tree.ancestor_mask, backend) if tree_draft.tree.size > 1 else None
 
             def verify(cache=cache, d=tree_draft, mask=mask):
-                target_forward(model, cache, d.tokens, d.tree.depths, mask)
+                target_forward(model, cache, d.tokens, d.tree.depths, mask, drafter.feature_layers)
 
             out[n] = (_median_s(draft, repeats), _median_s(verify, repeats))
     return out

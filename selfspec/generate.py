@@ -239,7 +239,7 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> Ge
     with selfspec_attention(model):
         cache = StoreCache(new_store(model, max_len))
         state = drafter.begin(max_len) if drafter is not None else None
-        first = target_forward(model, cache, prompt)
+        first = target_forward(model, cache, prompt, layers=feature_layers(drafter))
         cache.store.commit(torch.arange(prompt.numel()))
         token = dec.first_token(first.logits[-1], prompt)  # [1]
         stats.prefill_s = time.perf_counter() - start
@@ -250,6 +250,11 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> Ge
     depth = tree.depth if isinstance(tree, DynamicTree) else tree.max_depth
     stats.finish(out.numel(), time.perf_counter() - start, depth)
     return GenerationResult(sequences=torch.cat([prompt, out])[None], stats=stats)
+
+
+def feature_layers(drafter: Drafter | None) -> tuple[int, ...]:
+    """The target hidden states a drafter reads (the last one unless it fuses several)."""
+    return drafter.feature_layers if drafter is not None else (-1,)
 
 
 def _truncate(new: list[int], room: int, eos: set[int]) -> tuple[list[int], bool]:
@@ -295,7 +300,7 @@ class _Loop:
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
         mask = TreeMask(draft.tree.ancestor_mask, backend) if draft.tree.size > 1 else None
-        out = target_forward(self.model, self.cache, draft.tokens, draft.tree.depths, mask)
+        out = target_forward(self.model, self.cache, draft.tokens, draft.tree.depths, mask, feature_layers(self.drafter))
         committed = None
         if not self.dec.plain_greedy and self.dec.logits_processor is not None:
             committed = torch.cat([self.prompt, torch.tensor(produced[:-1], dtype=torch.long, device=self.prompt.device)])

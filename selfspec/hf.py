@@ -215,7 +215,8 @@ def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
 @dataclass(frozen=True)
 class TargetOutput:
     logits: torch.Tensor  # [T, V] fp32 logits at each input position / tree node
-    hidden: torch.Tensor  # [T, H] last-layer hidden state the drafters read
+    hidden: torch.Tensor  # [T, F] what the drafter reads: the last hidden state (F = H), or the
+    # hidden states of ``layers`` concatenated (EAGLE-3's fused input, F = len(layers) * H)
 
 
 def target_forward(
@@ -224,6 +225,7 @@ def target_forward(
     tokens: torch.Tensor,  # [T] int64, new tokens (prompt chunk, one token, or tree nodes)
     depths: torch.Tensor | None = None,  # [T] int64 tree depths; None = consecutive positions
     tree: TreeMask | None = None,  # None = causal over the new tokens
+    layers: tuple[int, ...] = (-1,),  # hidden-state indices the drafter reads (0 = embeddings)
 ) -> TargetOutput:
     """One target forward over new tokens after the committed cache rows; K/V land in the store
     (rows ``length .. length+T-1``) and are committed later by ``KVStore.commit``."""
@@ -237,7 +239,9 @@ def target_forward(
         output_hidden_states=True,
         selfspec_tree=tree,
     )
-    return TargetOutput(logits=out.logits[0].float(), hidden=out.hidden_states[-1][0])
+    states = out.hidden_states
+    hidden = states[layers[0]][0] if len(layers) == 1 else torch.cat([states[i][0] for i in layers], -1)
+    return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
 
 
 @dataclass(frozen=True)

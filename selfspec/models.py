@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from selfspec.drafters import KINDS, Drafter, SharedModules
+from selfspec.drafters import KINDS, Drafter, SharedModules, default_fuse_layers
 from selfspec.drafters.base import check_compatible, load_weights, read_drafter_config, target_fingerprint
 from selfspec.hf import check_supported
 
@@ -158,7 +158,7 @@ def shared_modules(model: PreTrainedModel) -> SharedModules:
 def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
     config = model.config.get_text_config()
     out: dict[str, Any] = dict(target_fingerprint(model), target_name=getattr(config, "_name_or_path", "") or "")
-    if kind == "eagle":
+    if kind in ("eagle", "eagle3"):
         heads = config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or {}
         out.update(
@@ -169,6 +169,8 @@ def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
             rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
         )
+    if kind == "eagle3":
+        out["fuse_layers"] = default_fuse_layers(config.num_hidden_layers)
     return out
 
 
@@ -177,7 +179,7 @@ def _place(drafter: Drafter, model: PreTrainedModel) -> Drafter:
 
 
 def new_drafter(kind: str, model: PreTrainedModel, **config: Any) -> Drafter:
-    """An untrained drafter of ``kind`` ("medusa" or "eagle") sized for ``model``.
+    """An untrained drafter of ``kind`` ("medusa", "eagle" or "eagle3") sized for ``model``.
 
     ``config`` overrides fields of the kind's config (``MedusaConfig``/``EagleConfig``)."""
     if kind not in KINDS:

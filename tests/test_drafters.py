@@ -16,7 +16,7 @@ def propose_once(model, drafter, prompt):
 
     with torch.inference_mode(), selfspec_attention(model):
         cache = StoreCache(new_store(model, 64))
-        out = target_forward(model, cache, prompt)
+        out = target_forward(model, cache, prompt, layers=drafter.feature_layers)
         bonus = out.logits[-1].argmax()[None]
         state = drafter.begin(64)
         return drafter.propose(state, out.hidden, torch.cat([prompt[1:], bonus]), drafter.tree)
@@ -35,7 +35,7 @@ def test_new_drafter_shapes_and_size(tiny_models, kind, cls):
     assert int(draft.tokens.min()) >= 0 and int(draft.tokens.max()) < model.config.vocab_size
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 def test_save_load_gives_same_proposals(tiny_models, tmp_path, kind):
     model = tiny_models("qwen2")
     drafter = randomized(selfspec.new_drafter(kind, model, tree_nodes=12), seed=5)

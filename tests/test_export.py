@@ -71,6 +71,30 @@ def eagle1_reference(cfg, w, embeds, hidden):
     return x + residual
 
 
+def eagle3_reference(cfg, w, embeds, fused):
+    """Eagle3LlamaForCausalLM / LlamaForCausalLMEagle3, one midlayer, norm_before_residual false:
+    g = fc(fused); attention over [input_layernorm(e) ; hidden_norm(g)] with g as the residual;
+    returns the pre-norm state (what the next depth reads) and logits mapped to the target vocabulary."""
+    eps, nh, nkv, hd = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    p = "midlayer."
+    g = fused @ w["fc.weight"].T
+    x = torch.cat([rms(embeds, w[p + "input_layernorm.weight"], eps), rms(g, w[p + "hidden_norm.weight"], eps)], -1)
+    n = x.shape[0]
+    q = rope((x @ w[p + "self_attn.q_proj.weight"].T).view(n, nh, hd).transpose(0, 1), cfg["rope_theta"])
+    k = rope((x @ w[p + "self_attn.k_proj.weight"].T).view(n, nkv, hd).transpose(0, 1), cfg["rope_theta"])
+    v = (x @ w[p + "self_attn.v_proj.weight"].T).view(n, nkv, hd).transpose(0, 1)
+    k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
+    a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0].transpose(0, 1).reshape(n, -1)
+    residual = a @ w[p + "self_attn.o_proj.weight"].T + g
+    h = rms(residual, w[p + "post_attention_layernorm.weight"], eps)
+    m = (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    state = m + residual
+    draft = rms(state, w["norm.weight"], eps) @ w["lm_head.weight"].T  # [n, Vd]
+    logits = draft.new_full((n, cfg["vocab_size"]), float("-inf"))
+    logits[:, torch.arange(cfg["draft_vocab_size"]) + w["d2t"]] = draft
+    return state, logits
+
+
 def medusa_reference(cfg, w, hidden):
     """vLLM Medusa: per head, x + SiLU(W x + b) blocks, then the shared lm_head (+ token_map)."""
     out = []
@@ -112,6 +136,43 @@ def test_eagle_export_is_complete_and_exact(model, tmp_path, engine, arch):
         torch.testing.assert_close(ref, drafter(hidden, tokens), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vocab, lora", [(0, False), (100, False), (100, True)])
+def test_eagle3_export_is_complete_and_exact(model, tmp_path, vocab, lora):
+    drafter = randomized(selfspec.new_drafter("eagle3", model, draft_vocab_size=vocab), seed=6, std=0.1)
+    if vocab:
+        drafter.set_draft_vocab(torch.arange(0, 200, 2))
+    if lora:
+        drafter.add_vocab_lora(peft.LoraConfig(r=4, lora_alpha=8))
+        with torch.no_grad():
+            for n, p in drafter.named_parameters():
+                if "lora_" in n:
+                    p.normal_(std=0.2)
+    cfg, w = read(export(drafter, model, "eagle3", tmp_path / "e3"))
+    c, h = drafter.config, 64
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == c.fuse_layers == [2, 1, 0]
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == c.fuse_layers
+    assert (cfg["vocab_size"], cfg["draft_vocab_size"], cfg["norm_before_residual"]) == (256, vocab or 256, False)
+    qkv, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    want = {"fc.weight": (h, 3 * h), "norm.weight": (h,), "lm_head.weight": (vocab or 256, h), "d2t": (vocab or 256,),
+            "t2d": (256,), "midlayer.input_layernorm.weight": (h,), "midlayer.hidden_norm.weight": (h,),
+            "midlayer.self_attn.q_proj.weight": (qkv, 2 * h), "midlayer.self_attn.k_proj.weight": (kv, 2 * h),
+            "midlayer.self_attn.v_proj.weight": (kv, 2 * h), "midlayer.self_attn.o_proj.weight": (h, qkv),
+            "midlayer.post_attention_layernorm.weight": (h,), "midlayer.mlp.gate_proj.weight": (c.intermediate_size, h),
+            "midlayer.mlp.up_proj.weight": (c.intermediate_size, h), "midlayer.mlp.down_proj.weight": (h, c.intermediate_size)}
+    assert {k: tuple(v.shape) for k, v in w.items()} == want
+    assert int(w["t2d"].sum()) == (vocab or 256) and w["d2t"].dtype == torch.int64
+    fused = torch.randn(7, 3 * h, dtype=torch.float64)
+    tokens = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    state, logits = eagle3_reference(cfg, w, model.get_input_embeddings()(tokens), fused)
+    with torch.no_grad():
+        ours = drafter(fused, tokens)
+        torch.testing.assert_close(state, ours, atol=1e-6, rtol=1e-5)
+        mine = drafter.lm_head(ours)
+    assert torch.equal(logits.isinf(), mine.isinf())
+    torch.testing.assert_close(logits[~logits.isinf()], mine[~mine.isinf()], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("vocab, lora", [(0, False), (100, True)])
 def test_medusa_export_is_complete_and_exact(model, tmp_path, vocab, lora):
     drafter = randomized(selfspec.new_drafter("medusa", model, num_heads=3, num_layers=2, draft_vocab_size=vocab),
@@ -140,8 +201,12 @@ def test_medusa_export_is_complete_and_exact(model, tmp_path, vocab, lora):
 
 def test_export_refusals(model, tmp_path):
     eagle = selfspec.new_drafter("eagle", model)
-    with pytest.raises(ValueError, match="EAGLE-3 layout normalizes"):
+    with pytest.raises(ValueError, match="this drafter is kind eagle .* train with --kind eagle3"):
         export(eagle, model, "eagle3", tmp_path / "x")
+    with pytest.raises(ValueError, match="--format eagle exports eagle drafters, but this drafter is eagle3"):
+        check_format("eagle3", "eagle")
+    with pytest.raises(ValueError, match="fuses exactly 3 target layers"):
+        export(selfspec.new_drafter("eagle3", model, fuse_layers=[1, 2]), model, "eagle3", tmp_path / "z")
     with pytest.raises(ValueError, match="--format medusa exports medusa drafters, but this drafter is eagle"):
         check_format("eagle", "medusa")
     with pytest.raises(ValueError, match="SGLang has no Medusa support"):
@@ -161,4 +226,4 @@ def test_export_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", "--drafter", str(tmp_path / "d"), "--format", "eagle3", "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("selfspec: error: ") and "EAGLE-3" in err[0]
+    assert len(err) == 1 and err[0].startswith("selfspec: error: ") and "exports eagle3 drafters" in err[0]

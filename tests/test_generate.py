@@ -56,7 +56,7 @@ class OracleDrafter(Drafter):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-mha", "qwen2", "mistral"])
-@pytest.mark.parametrize("kind", [None, "medusa", "eagle"])
+@pytest.mark.parametrize("kind", [None, "medusa", "eagle", "eagle3"])
 def test_greedy_matches_hf_random_drafters(tiny_models, arch, kind):
     model = tiny_models(arch)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -68,7 +68,7 @@ def test_greedy_matches_hf_random_drafters(tiny_models, arch, kind):
 
 
 @pytest.mark.parametrize("tree_name", sorted(TREES))
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 def test_greedy_matches_hf_over_tree_shapes(tiny_models, tree_name, kind):
     model = tiny_models("llama")
     tree = TREES[tree_name]

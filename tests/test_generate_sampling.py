@@ -11,7 +11,7 @@ from tests.test_generate import randomized
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 @pytest.mark.parametrize("spec", [DynamicTree(depth=3, top_k=3, expand=2, budget=6), DynamicTree(budget=20)])
 def test_greedy_with_dynamic_trees_matches_hf(tiny_models, arch, kind, spec):
     model = tiny_models(arch)

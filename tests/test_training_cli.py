@@ -85,6 +85,21 @@ def test_train_end_to_end_then_resume_needs_a_flag(setup, tmp_path, capsys):
     assert summary["train"]["steps"] == 8 and summary["distill"]["cached"] == 14 and summary["distill"]["generated"] == 0
 
 
+def test_train_eagle3_end_to_end_and_export(setup, tmp_path):
+    target, data = setup
+    out = tmp_path / "drafter3"
+    assert main(["train", "--model", str(target), "--data", str(data), "--out", str(out), "--kind", "eagle3", *TINY]) == 0
+    model, _ = selfspec.load_target(str(target), device="cpu")
+    drafter = selfspec.load_drafter(out, model)
+    assert drafter.kind == "eagle3" and drafter.config.fuse_layers == [2, 1, 0]
+    settings = json.loads((out.parent / "drafter3.work" / "features" / "train" / "features.json").read_text())
+    assert settings["extra_layers"] == [2, 1, 0]  # the fused layers were captured for training
+    assert selfspec.generate(model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5).stats.new_tokens == 5
+    assert main(["export", "--drafter", str(out), "--format", "eagle3", "--out", str(tmp_path / "x"),
+                 "--model", str(target)]) == 0
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 def test_same_command_under_torchrun_two_processes(setup, tmp_path):
     target, data = setup

@@ -36,6 +36,32 @@ def sequences(target):
     return out
 
 
+@pytest.fixture(scope="module")
+def peaked():
+    """A tiny target whose next-token distributions are far from uniform (a random tiny model's are
+    nearly flat, which leaves a token-only objective like EAGLE-3's nothing to learn)."""
+    model = make_tiny("llama", dtype=torch.float32, seed=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sequences3(peaked):
+    """The peaked target's greedy continuations with the target layers an EAGLE-3 drafter fuses."""
+    layers = selfspec.new_drafter("eagle3", peaked).config.fuse_layers
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(12):
+        prompt = torch.randint(0, 256, (6,), generator=g)
+        ids = peaked.generate(prompt[None], max_new_tokens=26, do_sample=False, pad_token_id=0,
+                              attention_mask=torch.ones(1, 6, dtype=torch.long))[0]
+        feats = selfspec.target_features(peaked, ids[None])
+        out.append(Sequence(id=f"s:{i}", ids=ids, hidden=feats.hidden[0].half(), prompt_len=6,
+                            layers=tuple(feats.layers[j][0].half() for j in layers)))
+    return out
+
+
 def config(kind, **kw):
     base = dict(kind=kind, steps=8, batch_tokens=96, lr=3e-3, warmup_steps=2, log_every=4, checkpoint_every=4,
                 max_param_fraction=0, tau_prompts=0, medusa_heads=3, unroll=2)
@@ -54,6 +80,21 @@ def test_a_few_steps_lower_the_loss(target, sequences, tmp_path, kind, extra):
     t = trainer(target, sequences, tmp_path, kind=kind, steps=24, **extra)
     losses = [float(t.train_step()["loss"]) for _ in range(24)]
     assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
+
+
+@pytest.mark.parametrize("extra", [{}, {"draft_vocab_size": 64}])
+def test_eagle3_a_few_steps_lower_the_loss(peaked, sequences3, tmp_path, extra):
+    t = trainer(peaked, sequences3, tmp_path, kind="eagle3", steps=24, **extra)
+    fc = t.drafter.fc.weight.detach().clone()
+    losses = [float(t.train_step()["loss"]) for _ in range(24)]
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
+    assert not torch.equal(fc, t.drafter.fc.weight)  # the fusion layer learns too
+
+
+def test_eagle3_without_fused_features_is_refused(target, sequences, tmp_path):
+    t = trainer(target, sequences, tmp_path, kind="eagle3")
+    with pytest.raises(ValueError, match=r"reads target layers \[2, 1, 0\].*cached without them"):
+        t.train_step()
 
 
 def test_target_stays_frozen(target, sequences, tmp_path):
@@ -77,18 +118,19 @@ def test_unroll_mask_gives_each_node_its_prefix_and_chain():
     assert m[:5, 5:].sum() == 0  # step 0 never sees later steps
 
 
-def test_unrolled_training_matches_inference_drafting():
+@pytest.mark.parametrize("kind", ["eagle", "eagle3"])
+def test_unrolled_training_matches_inference_drafting(kind):
     """Step i of the unrolled layer at row p+i computes exactly the depth-(i+1) feature that
     propose() computes for a chain whose tokens are the drafter's own top-1 choices."""
     model = make_tiny("llama")  # fp64
-    drafter = randomized(selfspec.new_drafter("eagle", model), seed=4, std=0.2)
+    drafter = randomized(selfspec.new_drafter(kind, model), seed=4, std=0.2)
     prompt = torch.tensor([5, 9, 2, 7, 3])
     tree = selfspec.chain(3)
     from selfspec.hf import StoreCache, new_store, selfspec_attention, target_forward
 
     with torch.inference_mode(), selfspec_attention(model):
         cache = StoreCache(new_store(model, 64))
-        out = target_forward(model, cache, prompt)
+        out = target_forward(model, cache, prompt, layers=drafter.feature_layers)
         bonus = out.logits[-1].argmax()[None]
         draft = drafter.propose(drafter.begin(64), out.hidden, torch.cat([prompt[1:], bonus]), tree)
     ids = torch.cat([prompt, draft.tokens])  # prompt, bonus, d1, d2, d3
@@ -96,7 +138,8 @@ def test_unrolled_training_matches_inference_drafting():
     n, p = ids.numel(), prompt.numel() - 1
     pack = Pack(hidden=hidden, tokens=ids, seq=torch.zeros(n, dtype=torch.long), pos=torch.arange(n),
                 length=torch.full((n,), n), prompt_len=torch.zeros(n, dtype=torch.long))
-    _, outputs = unroll_no_grad(drafter, pack, hidden, shifted(ids, 1), 3)
+    with torch.no_grad():
+        _, outputs = unroll_no_grad(drafter, pack, drafter.lift(hidden), shifted(ids, 1), 3)
     for i in range(3):
         assert int(drafter.lm_head(outputs[i][p + i : p + i + 1]).argmax()) == int(draft.tokens[i + 1])
 

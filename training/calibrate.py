@@ -62,7 +62,8 @@ def _eagle_ranks(drafter, readout: TargetReadout, pack: Pack, depth: int, top_k:
     target = readout(shifted(hidden, 1)).argmax(-1)  # [L] draft-vocab index of the target's token at t+2
     if drafter.draft_ids is not None:
         target = drafter.draft_ids[target]
-    _, outputs = unroll_no_grad(drafter, pack, hidden, shifted(pack.tokens, 1), depth)
+    root = drafter.lift(pack.drafter_input(drafter).to(dtype))
+    _, outputs = unroll_no_grad(drafter, pack, root, shifted(pack.tokens, 1), depth)
     ranks = []
     for i, out in enumerate(outputs):
         valid = (pack.pos + 1 < pack.length) & (pack.pos + 2 >= pack.prompt_len) & (pack.pos >= i)

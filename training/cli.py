@@ -136,8 +136,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export", help="write a trained drafter in the layout vLLM / SGLang load",
-        description="Export a selfspec drafter: --format eagle (EAGLE-1 layout: vLLM method=eagle, SGLang EAGLE), "
-        "medusa (vLLM method=medusa). eagle3 is refused with the reason (see the docs).")
+        description="Export a selfspec drafter: --format eagle (eagle drafters; EAGLE-1 layout: vLLM method=eagle, "
+        "SGLang EAGLE), eagle3 (eagle3 drafters, from `selfspec train --kind eagle3`; vLLM method=eagle3, SGLang "
+        "EAGLE3), medusa (medusa drafters; vLLM method=medusa).")
     p.add_argument("--drafter", required=True, help="'default' or a directory written by selfspec train")
     p.add_argument("--format", required=True, choices=FORMATS, help="checkpoint layout")
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")

@@ -19,11 +19,18 @@ computes (tests check this against a torch reference of each engine's forward):
     same ``x + SiLU(W x + b)`` blocks, ``medusa_fc_bias: true``) and one shared ``lm_head.weight``
     (``original_lm_head: true``) with any LoRA merged into it; a reduced draft vocabulary becomes
     ``truncated_vocab_size`` + ``token_map``. SGLang has no Medusa support.
-``eagle3`` -- the EAGLE-3 layout (``midlayer.*``, ``hidden_norm``, 2H-wide q/k/v, ``d2t``/``t2d``)
-    normalizes the token embedding and the hidden state separately and keeps the hidden state as
-    the residual; the selfspec EAGLE layer normalizes ``fc([h; e])`` as one vector, which no
-    EAGLE-3 weights can reproduce, so this format is refused with that explanation rather than
-    written wrong. Use ``eagle``.
+``eagle3`` -- the EAGLE-3 layout, for drafters of kind ``eagle3`` (``selfspec train --kind eagle3``):
+    vLLM ``method="eagle3"`` (``Eagle3LlamaForCausalLM``, vllm/model_executor/models/llama_eagle3.py)
+    and SGLang ``--speculative-algorithm EAGLE3`` (``LlamaForCausalLMEagle3``). Weights
+    ``fc.weight`` [H, 3H] over the three fused target layers (``eagle_aux_hidden_state_layer_ids``
+    in the config, the same indices the engines read), ``midlayer.{input_layernorm, hidden_norm,
+    self_attn.{q,k,v}_proj (2H wide, over [norm(embedding) ; hidden_norm(state)]), self_attn.o_proj,
+    post_attention_layernorm, mlp.*}``, ``norm.weight``, ``lm_head.weight`` [Vd, H] (the read-out
+    with any LoRA merged; the target's rows for a reduced draft vocabulary) and ``d2t`` [Vd]
+    (target id = draft id + d2t) / ``t2d`` [V] bool. ``norm_before_residual: false``: the state
+    itself is the residual, as in selfspec. The target's embedding is shared (not written).
+    A drafter of kind ``eagle`` (EAGLE-1 layer, which normalizes ``fc([h; e])`` as one vector)
+    cannot be written in this layout and is refused; export it with ``--format eagle``.
 
 Layouts were taken from the vLLM and SGLang sources named above (vLLM V1 engine, 2025 main
 branch; SGLang 0.4/0.5 era); neither engine runs on this project's CPU test machines, so the
@@ -49,10 +56,10 @@ FORMATS = ("eagle", "eagle3", "medusa")
 ENGINES = ("vllm", "sglang")
 EAGLE_ARCHITECTURE = {"vllm": "LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle"}
 EAGLE3_REFUSAL = (
-    "the EAGLE-3 layout normalizes the token embedding and the hidden state separately (2H-wide q/k/v, the "
-    "hidden state as residual, a final norm before its own lm_head), while the selfspec EAGLE layer normalizes "
-    "fc([h; e]) as one vector; no EAGLE-3 checkpoint computes the same function, so none is written. "
-    "Export with --format eagle (EAGLE-1 layout, loaded by vLLM method=eagle and SGLang EAGLE)")
+    "this drafter is kind eagle (EAGLE-1 layer: it normalizes fc([h; e]) as one vector), but the EAGLE-3 layout "
+    "normalizes the token embedding and a fused hidden state separately; no EAGLE-3 checkpoint computes the same "
+    "function, so none is written. Export it with --format eagle (vLLM method=eagle, SGLang EAGLE), or train "
+    "with --kind eagle3 for an EAGLE-3 drafter")
 
 
 def check_format(kind: str, fmt: str, engine: str = "vllm") -> None:
@@ -61,9 +68,9 @@ def check_format(kind: str, fmt: str, engine: str = "vllm") -> None:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if fmt == "eagle3":
+    if fmt == "eagle3" and kind == "eagle":
         raise ValueError(EAGLE3_REFUSAL)
-    want = "medusa" if fmt == "medusa" else "eagle"
+    want = fmt
     if kind != want:
         raise ValueError(f"--format {fmt} exports {want} drafters, but this drafter is {kind}")
     if fmt == "medusa" and engine == "sglang":
@@ -137,10 +144,57 @@ def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any]
     return config, tensors
 
 
+def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    c, layer = drafter.config, drafter.layer
+    if len(c.fuse_layers) != 3:
+        raise ValueError(f"the EAGLE-3 layout fuses exactly 3 target layers (fc is 3H wide); this drafter fuses "
+                         f"{len(c.fuse_layers)} ({c.fuse_layers})")
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError("the target's lm_head has a bias, which the EAGLE-3 lm_head cannot hold")
+    weight, ids = readout_weight(drafter, model)  # [Vd, H], [Vd] | None
+    vocab = c.vocab_size
+    if ids is None:
+        d2t, t2d = torch.zeros(vocab, dtype=torch.long), torch.ones(vocab, dtype=torch.bool)
+    else:
+        ids = ids.detach().long().cpu()
+        d2t = ids - torch.arange(ids.numel())
+        t2d = torch.zeros(vocab, dtype=torch.bool)
+        t2d[ids] = True
+    tensors = {"fc.weight": drafter.fc.weight.detach(), "norm.weight": drafter.norm.weight.detach(),
+               "lm_head.weight": weight, "d2t": d2t, "t2d": t2d}
+    names = {"input_layernorm": layer.input_norm, "hidden_norm": layer.hidden_norm,
+             "self_attn.q_proj": layer.q_proj, "self_attn.k_proj": layer.k_proj, "self_attn.v_proj": layer.v_proj,
+             "self_attn.o_proj": layer.o_proj, "post_attention_layernorm": layer.post_norm,
+             "mlp.gate_proj": layer.gate_proj, "mlp.up_proj": layer.up_proj, "mlp.down_proj": layer.down_proj}
+    for name, module in names.items():
+        tensors[f"midlayer.{name}.weight"] = module.weight.detach()
+    target = model.config.get_text_config()
+    aux = [int(i) for i in c.fuse_layers]
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": c.hidden_size,
+        "target_hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "num_hidden_layers": 1, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "vocab_size": vocab,
+        "draft_vocab_size": int(weight.shape[0]), "norm_before_residual": False,
+        "eagle_aux_hidden_state_layer_ids": aux,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux, "use_aux_hidden_state": True},
+        "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
+        "tie_word_embeddings": False,
+        "bos_token_id": getattr(target, "bos_token_id", None), "eos_token_id": getattr(target, "eos_token_id", None),
+    }
+    return config, tensors
+
+
 def export(drafter: Any, model: Any, fmt: str, out: Path, engine: str = "vllm", dtype: str | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for ``fmt`` under ``out`` (atomically)."""
     check_format(drafter.kind, fmt, engine)
-    config, tensors = medusa_tensors(drafter, model) if fmt == "medusa" else eagle_tensors(drafter, model, engine)
+    if fmt == "medusa":
+        config, tensors = medusa_tensors(drafter, model)
+    elif fmt == "eagle3":
+        config, tensors = eagle3_tensors(drafter, model)
+    else:
+        config, tensors = eagle_tensors(drafter, model, engine)
     cast = getattr(torch, dtype) if dtype else None
     tensors = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v).contiguous().cpu()
                for k, v in tensors.items()}

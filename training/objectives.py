@@ -9,6 +9,7 @@ Medusa: head k reads h_t and is scored by cross-entropy on token t+2+k (the targ
 token, the data being self-distilled), weighted ``decay**k``.
 
 EAGLE: the layer reads (h_t, x_{t+1}) and must output h_{t+1}: smooth-L1 regression on the feature
+(EAGLE-1 layout only; EAGLE-3 reads fc(fused target layers) and learns from tokens alone)
 plus soft cross-entropy of ``lm_head(output)`` against the target's distribution at t+1, with
 uniform noise on the input features (EAGLE's augmentation). Training-time test (EAGLE-3, in a
 simplified form): the layer is unrolled ``unroll`` steps; at step i the input at row t is the
@@ -38,9 +39,20 @@ class Pack:
     pos: torch.Tensor  # [L] int64 position within its sequence
     length: torch.Tensor  # [L] int64 length of the row's sequence (as packed)
     prompt_len: torch.Tensor  # [L] int64 prompt length of the row's sequence
+    fused: torch.Tensor | None = None  # [L, k*H] the fused target layers (EAGLE-3's input), when cached
 
     def to(self, device: torch.device) -> Pack:
-        return Pack(*(t.to(device) for t in (self.hidden, self.tokens, self.seq, self.pos, self.length, self.prompt_len)))
+        fields = (self.hidden, self.tokens, self.seq, self.pos, self.length, self.prompt_len)
+        return Pack(*(t.to(device) for t in fields), None if self.fused is None else self.fused.to(device))
+
+    def drafter_input(self, drafter: nn.Module) -> torch.Tensor:
+        """What the drafter's root step reads: the last hidden state, or the fused layers (EAGLE-3)."""
+        if tuple(drafter.feature_layers) == (-1,):
+            return self.hidden
+        if self.fused is None:
+            raise ValueError(f"a {drafter.kind} drafter reads target layers {list(drafter.feature_layers)}, but these "
+                             "features were cached without them; capture them (the pipeline does for eagle3)")
+        return self.fused
 
     @property
     def rows(self) -> int:
@@ -82,7 +94,7 @@ def unroll_no_grad(drafter: nn.Module, pack: Pack, hidden: torch.Tensor, next_to
     ``hidden``) and the outputs of steps 0..steps-1."""
     n, c = pack.rows, drafter.config
     store = KVStore(1, c.num_kv_heads, c.head_dim, max(steps, 1) * n, dtype=hidden.dtype, device=hidden.device)
-    inputs, outputs = [hidden], []
+    inputs, outputs = [hidden], []  # hidden: the root step's state (EAGLE-3: already lifted by fc)
     for i in range(steps):
         x = drafter.step_input(inputs[i], next_tokens)
         out = drafter.layer(x, pack.pos, store, offset=i * n, mask=unroll_rows(pack, i, i + 1))  # [L, H]
@@ -157,7 +169,9 @@ class EagleObjective(nn.Module):
         target_h = shifted(hidden, 1)  # h_{t+1}
         with torch.no_grad():
             target_p = self.readout(target_h).softmax(-1)  # [L, Vd] the target's distribution at t+1
-        inputs, _ = unroll_no_grad(d, pack, hidden + noise.to(dtype), next_tokens, k - 1)
+        root = d.lift(pack.drafter_input(d).to(dtype) + noise.to(dtype))  # EAGLE-3: fc(fused) keeps its gradient
+        inputs, _ = unroll_no_grad(d, pack, root.detach(), next_tokens, k - 1)
+        inputs[0] = root
         x = d.step_input(torch.cat(inputs), next_tokens.repeat(k))
         out = d.layer(x, pack.pos.repeat(k), mask=unroll_mask(pack, k)).view(k, n, -1)  # [k, L, H]
         has_next = pack.pos + 1 < pack.length
@@ -166,7 +180,10 @@ class EagleObjective(nn.Module):
         for i in range(k):
             valid = has_next & in_reply & (pack.pos >= i)
             cnt = valid.sum()
-            feat = F.smooth_l1_loss(out[i][valid].float(), target_h[valid].float(), reduction="none").mean(-1).sum()
+            if d.regresses_features:
+                feat = F.smooth_l1_loss(out[i][valid].float(), target_h[valid].float(), reduction="none").mean(-1).sum()
+            else:  # EAGLE-3: its output is a state of its own, scored through the tokens only
+                feat = out.new_zeros((), dtype=torch.float32)
             logp = d.draft_logits(out[i][valid]).float().log_softmax(-1)
             tok = -(target_p[valid] * logp).sum()
             w = self.step_decay**i

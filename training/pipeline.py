@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import selfspec
+from selfspec.drafters import default_fuse_layers
 from selfspec.training import features as feats
 from selfspec.training.calibrate import CalibrationConfig, calibrate
 from selfspec.training.data import DataConfig, load_all, split_held_out
@@ -98,6 +99,13 @@ def _say(dist: Dist, text: str) -> None:
         print(f"[train] {text}", flush=True)
 
 
+def fused_layers(kind: str, model: Any) -> list[int]:
+    """The target layers (hidden_states indices) a drafter of ``kind`` fuses; [] = the last state only."""
+    if kind != "eagle3":
+        return []
+    return default_fuse_layers(model.config.get_text_config().num_hidden_layers)
+
+
 def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist) -> dict[str, Any]:
     """Load the examples, self-distill them, capture features; returns what training needs."""
     examples, reports = load_all(s.data, seed=s.train.seed)
@@ -108,11 +116,14 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
     _say(dist, dreport.summary())
     held_ids = {e.id for e in held_ex}
     items = list(sequences(records))
-    freport = feats.capture(model, [i for i in items if i[0] not in held_ids], work / "features" / "train", s.features, dist)
-    hreport = feats.capture(model, [i for i in items if i[0] in held_ids], work / "features" / "held_out", s.features, dist)
+    fused = fused_layers(s.train.kind, model)  # EAGLE-3 reads these target layers as well
+    fconfig = dataclasses.replace(s.features, extra_layers=list(dict.fromkeys([*s.features.extra_layers, *fused])))
+    freport = feats.capture(model, [i for i in items if i[0] not in held_ids], work / "features" / "train", fconfig, dist)
+    hreport = feats.capture(model, [i for i in items if i[0] in held_ids], work / "features" / "held_out", fconfig, dist)
     _say(dist, freport.summary())
     return {
-        "train": feats.load(work / "features" / "train"), "held_out": feats.load(work / "features" / "held_out"),
+        "train": feats.load(work / "features" / "train", fused),
+        "held_out": feats.load(work / "features" / "held_out", fused),
         "tau_prompts": [r["prompt_ids"] for r in records if r["id"] in held_ids],
         "reports": {"data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
                     "distill": dataclasses.asdict(dreport), "features": dataclasses.asdict(freport),

@@ -40,7 +40,7 @@ from selfspec.training.utils import (
     set_rng_state,
 )
 
-KINDS = ("eagle", "medusa")
+KINDS = ("eagle", "eagle3", "medusa")
 
 
 @dataclass
@@ -149,16 +149,18 @@ def plan_packs(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> 
 
 def collate(sequences: list[Sequence], indices: list[int], batch_tokens: int) -> Pack:
     """Sequences end to end (each cut to ``batch_tokens``) as one ``Pack``."""
-    hidden, tokens, seq, pos, length, prompt = [], [], [], [], [], []
+    hidden, tokens, seq, pos, length, prompt, fused = [], [], [], [], [], [], []
     for j, i in enumerate(indices):
         s = sequences[i]
         n = min(s.ids.numel(), batch_tokens)
         hidden.append(s.hidden[:n])
+        if s.layers:
+            fused.append(torch.cat([layer[:n] for layer in s.layers], -1))
         tokens.append(s.ids[:n])
         pos.append(torch.arange(n))
         for out, value in ((seq, j), (length, n), (prompt, s.prompt_len)):
             out.append(torch.full((n,), value, dtype=torch.long))
-    return Pack(*(torch.cat(t) for t in (hidden, tokens, seq, pos, length, prompt)))
+    return Pack(*(torch.cat(t) for t in (hidden, tokens, seq, pos, length, prompt)), torch.cat(fused) if fused else None)
 
 
 class PackSchedule:
@@ -331,7 +333,7 @@ class Trainer:
         return collate(self.sequences, self.schedule[g], c.batch_tokens).to(self.accelerator.device)
 
     def _noise(self, pack: Pack) -> torch.Tensor:
-        h = pack.hidden.float()
+        h = pack.drafter_input(self.drafter).float()
         u = torch.rand(h.shape, generator=self.noise_rng).to(h.device) * 2 - 1
         return u * self.config.noise * h.pow(2).mean(-1, keepdim=True).sqrt()
 

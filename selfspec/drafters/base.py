@@ -154,6 +154,9 @@ class Drafter(nn.Module):
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[DrafterConfig]] = DrafterConfig
+    # Target hidden states propose() reads, as indices into transformers' ``hidden_states`` tuple
+    # (0 = embeddings, i = output of layer i, -1 = the last, normed state lm_head reads).
+    feature_layers: tuple[int, ...] = (-1,)
 
     def __init__(self, config: DrafterConfig, shared: SharedModules):
         super().__init__()

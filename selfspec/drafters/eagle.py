@@ -9,6 +9,13 @@ depth, each node attending to the cached prefix and its ancestors only.
 
 The layer (RMSNorm, GQA attention with rotary positions, SwiGLU MLP) is written here from the
 standard recipe; it does not depend on the target's modeling code, so any target works.
+
+``Eagle3Drafter`` (kind "eagle3") is the EAGLE-3 layout: at the root it reads several target
+layers (a low, a middle and a high one) fused by ``fc`` into one H-wide state g; its layer
+normalizes the token embedding and g separately and attends over both (2H-wide q/k/v) with g as
+the residual; deeper nodes read the layer's own (pre-norm) output as g; a final norm precedes the
+read-out. It trains on tokens only (no feature regression) and exports to the EAGLE-3 layout
+vLLM and SGLang load (``selfspec export --format eagle3``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,27 @@ class EagleConfig(DrafterConfig):
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
         if self.tree_depth < 1 or self.tree_nodes < 1:
             raise ValueError(f"tree_depth and tree_nodes must be >= 1, got {self.tree_depth}, {self.tree_nodes}")
+
+
+def default_fuse_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high target layers, as the serving engines pick them by default
+    (vLLM/SGLang aux hidden-state ids 2, L // 2, L - 3: the input to that layer, which is
+    transformers' ``hidden_states[i]``)."""
+    return [min(2, num_layers), num_layers // 2, max(num_layers - 3, 0)]
+
+
+@dataclass
+class Eagle3Config(EagleConfig):
+    fuse_layers: list[int] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "target hidden states fused at the root (indices into hidden_states: 0 = embeddings, "
+                          "i = output of layer i); default: a low, a middle and a high layer"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.fuse_layers:
+            raise ValueError("fuse_layers must name at least one target layer (EAGLE-3 uses three)")
+        self.fuse_layers = [int(i) for i in self.fuse_layers]
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +127,7 @@ class DraftLayer(nn.Module):
         mask: torch.Tensor | None = None,  # [N, kv] bool; None = causal after the prefix
     ) -> torch.Tensor:
         n, c = x.shape[0], self.c
-        h = self.input_norm(x)
+        h = self.attention_input(x)
         q = rotate(self.q_proj(h).view(n, c.num_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta)
         k = rotate(self.k_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta)
         v = self.v_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
@@ -108,19 +136,56 @@ class DraftLayer(nn.Module):
         if mask is None:
             mask = offset_causal_mask(n, k.shape[1], x.device)
         attn = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)
-        x = x + self.o_proj(attn[0].transpose(0, 1).reshape(n, -1))
+        x = self.residual(x) + self.o_proj(attn[0].transpose(0, 1).reshape(n, -1))
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_norm(x)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FusedDraftLayer(DraftLayer):
+    """EAGLE-3's layer. Its input row is ``[g ; e]`` (state, token embedding); attention reads
+    ``[input_norm(e) ; hidden_norm(g)]`` through 2H-wide q/k/v and adds to g, the residual."""
+
+    def __init__(self, c: EagleConfig):
+        super().__init__(c)
+        h = c.hidden_size
+        self.hidden_norm = RMSNorm(h, c.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * h, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * h, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * h, c.num_kv_heads * c.head_dim, bias=False)
+
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c.hidden_size
+        return torch.cat([self.input_norm(x[:, h:]), self.hidden_norm(x[:, :h])], -1)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : self.c.hidden_size]
 
 
 class EagleDrafter(Drafter):
     kind = "eagle"
     config_class = EagleConfig
+    layer_class = DraftLayer
+    regresses_features = True  # trained to predict the target's next feature (EAGLE-1)
 
     def __init__(self, config: EagleConfig, shared: SharedModules):
         super().__init__(config, shared)
-        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.layer = DraftLayer(config)
+        self.fc = nn.Linear(self.fc_inputs * config.hidden_size, config.hidden_size, bias=False)
+        self.layer = self.layer_class(config)
+
+    @property
+    def fc_inputs(self) -> int:
+        return 2  # fc([h ; e])
+
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features as the root step reads them (EAGLE-1: the last hidden state itself)."""
+        return features
 
     def default_paths(self) -> list[tuple[int, ...]]:
         prior = prior_acceptance(self.config.tree_depth, top_k=8, first=0.7, decay=0.85)
@@ -138,14 +203,14 @@ class EagleDrafter(Drafter):
     def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced features for a whole sequence (training): [N, H], [N] -> [N, H]."""
         positions = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.layer(self.step_input(hidden, next_tokens), positions)
+        return self.layer(self.step_input(self.lift(hidden), next_tokens), positions)
 
     def propose(
         self, state: KVStore, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers | DynamicTree
     ) -> Draft:
         n = hidden.shape[0]
         positions = torch.arange(state.length, state.length + n, device=hidden.device)
-        feats = self.layer(self.step_input(hidden, next_tokens), positions, state)  # [n, H]
+        feats = self.layer(self.step_input(self.lift(hidden), next_tokens), positions, state)  # [n, H]
         state.commit(torch.arange(n))
         if isinstance(tree, DynamicTree):
             return self._draft_dynamic(state, feats[-1], next_tokens[-1], tree)
@@ -177,6 +242,37 @@ class EagleDrafter(Drafter):
                 pos = torch.full((hi - lo,), base + d, device=x.device)
                 feats[lo:hi] = self.layer(x, pos, state, offset=lo - 1, mask=mask)
         return Draft(tree=tree, tokens=tokens)
+
+
+class Eagle3Drafter(EagleDrafter):
+    kind = "eagle3"
+    config_class = Eagle3Config
+    layer_class = FusedDraftLayer
+    regresses_features = False  # EAGLE-3 trains on tokens only
+
+    def __init__(self, config: Eagle3Config, shared: SharedModules):
+        super().__init__(config, shared)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def fc_inputs(self) -> int:
+        return len(self.config.fuse_layers)  # fc(concat of the fused target layers)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return tuple(self.config.fuse_layers)
+
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, len(fuse_layers) * H] fused target layers -> [N, H] state g."""
+        return self.fc(features.to(self.fc.weight.dtype))
+
+    def step_input(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, H] state g + [N] tokens -> [N, 2H] layer input ``[g ; e]``."""
+        dtype = self.fc.weight.dtype
+        return torch.cat([hidden.to(dtype), self.embed(tokens).to(dtype)], -1)
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return super().draft_logits(self.norm(h))
 
 
 class _DynamicExpander:
