@@ -168,6 +168,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "wall_s": round(s.wall_s, 4), "steps": s.steps, "accepted_hist": s.accepted_hist,
         "prompt_tokens": int(ids.shape[1]), "model": args.model, "temperature": args.temperature, "tree": str(args.tree),
         "drafter": "none" if drafter is None else args.drafter, "device": str(model.device),
+        "tree_nodes": s.tree_nodes,
     }
     if args.compare:
         report.update(compare(model, ids, args.max_new_tokens, result, torch, sampled=args.temperature > 0))
@@ -207,6 +208,10 @@ def print_summary(r: dict[str, Any]) -> None:
               f"{r['engine_tokens_per_s']:.1f} tok/s -> speedup {r['speedup_vs_hf']:.2f}x vs HF, "
               f"{r['speedup_vs_engine']:.2f}x vs no drafter; output identical to HF: {r['identical_to_hf']}",
               file=sys.stderr)
+        if r["drafter"] != "none" and r["speedup_vs_engine"] < 1:
+            print(f"[selfspec] the drafter made decoding slower here: a verify step over {r['tree_nodes']} nodes "
+                  f"costs more on {r['device']} than the {r['tau']:.2f} tokens it keeps; try --tree auto (measures "
+                  "this device and may decide not to draft) or --drafter none", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -36,6 +36,18 @@ def test_generate_with_saved_drafter_and_compare(capsys, tiny_checkpoint, tmp_pa
     assert report["speedup_vs_hf"] > 0 and report["engine_tokens_per_s"] > 0
 
 
+@pytest.mark.parametrize("speedup, hinted", [(0.6, True), (1.4, False)])
+def test_slower_drafter_gets_a_hint(capsys, speedup, hinted):
+    from selfspec.cli import print_summary
+
+    report = {"new_tokens": 64, "wall_s": 5.0, "tokens_per_s": 12.8, "tau": 1.5, "steps": 40, "drafter": "default",
+              "hf_tokens_per_s": 12.0, "engine_tokens_per_s": 12.8 / speedup, "speedup_vs_hf": 1.0,
+              "speedup_vs_engine": speedup, "identical_to_hf": True, "tree_nodes": 12, "device": "cpu"}
+    print_summary(report)
+    err = capsys.readouterr().err
+    assert ("made decoding slower" in err and "--tree auto" in err) is hinted
+
+
 def test_generate_streams_text(capsys, tiny_checkpoint):
     code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "brown",
                          "--max-new-tokens", "8", "--drafter", "none")
