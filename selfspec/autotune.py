@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from selfspec.drafters import Drafter
@@ -78,8 +79,10 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
     ids = torch.randint(0, vocab, (prefix,), generator=g).to(model.device)
     backend = attention_backend(model.device)
     out = {}
+    bar = tqdm(budgets, desc=f"tree=auto: timing {len(budgets)} tree sizes once on {model.device.type}", unit="size",
+               leave=False, disable=None)  # shown on a terminal only
     with selfspec_attention(model):
-        for n in budgets:
+        for n in bar:
             spec = DynamicTree.sized(n)
             cache = StoreCache(new_store(model, prefix + spec.pool_size + 1))
             first = target_forward(model, cache, ids, layers=drafter.feature_layers)
