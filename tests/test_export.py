@@ -43,23 +43,31 @@ def rope(x, theta):  # x [heads, N, D], Llama rotate-half convention
 
 def llama_layer(w, i, cfg, x, residual, input_norm):
     """vLLM/SGLang LlamaDecoderLayer with its fused residual add; layer 0 of EAGLE has no input norm."""
-    eps, nh, nkv, hd = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps = cfg["rms_norm_eps"]
     p = f"layers.{i}."
     if residual is None:
         residual, h = x, (rms(x, w[p + "input_layernorm.weight"], eps) if input_norm else x)
     else:
         residual = x + residual
         h = rms(residual, w[p + "input_layernorm.weight"], eps)
+    residual = attention(w, p, cfg, h) + residual
+    return mlp(w, p, rms(residual, w[p + "post_attention_layernorm.weight"], eps)), residual
+
+
+def attention(w, p, cfg, h):
+    """Causal GQA self-attention with rotary positions 0..n-1, through ``p``'s q/k/v/o weights."""
+    nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     n = h.shape[0]
     q = rope((h @ w[p + "self_attn.q_proj.weight"].T).view(n, nh, hd).transpose(0, 1), cfg["rope_theta"])
     k = rope((h @ w[p + "self_attn.k_proj.weight"].T).view(n, nkv, hd).transpose(0, 1), cfg["rope_theta"])
     v = (h @ w[p + "self_attn.v_proj.weight"].T).view(n, nkv, hd).transpose(0, 1)
     k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
     a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0].transpose(0, 1).reshape(n, -1)
-    residual = a @ w[p + "self_attn.o_proj.weight"].T + residual
-    h = rms(residual, w[p + "post_attention_layernorm.weight"], eps)
-    m = (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    return m, residual
+    return a @ w[p + "self_attn.o_proj.weight"].T
+
+
+def mlp(w, p, h):
+    return (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
 
 
 def eagle1_reference(cfg, w, embeds, hidden):
@@ -75,20 +83,12 @@ def eagle3_reference(cfg, w, embeds, fused):
     """Eagle3LlamaForCausalLM / LlamaForCausalLMEagle3, one midlayer, norm_before_residual false:
     g = fc(fused); attention over [input_layernorm(e) ; hidden_norm(g)] with g as the residual;
     returns the pre-norm state (what the next depth reads) and logits mapped to the target vocabulary."""
-    eps, nh, nkv, hd = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    p = "midlayer."
+    eps, p = cfg["rms_norm_eps"], "midlayer."
     g = fused @ w["fc.weight"].T
     x = torch.cat([rms(embeds, w[p + "input_layernorm.weight"], eps), rms(g, w[p + "hidden_norm.weight"], eps)], -1)
     n = x.shape[0]
-    q = rope((x @ w[p + "self_attn.q_proj.weight"].T).view(n, nh, hd).transpose(0, 1), cfg["rope_theta"])
-    k = rope((x @ w[p + "self_attn.k_proj.weight"].T).view(n, nkv, hd).transpose(0, 1), cfg["rope_theta"])
-    v = (x @ w[p + "self_attn.v_proj.weight"].T).view(n, nkv, hd).transpose(0, 1)
-    k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
-    a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0].transpose(0, 1).reshape(n, -1)
-    residual = a @ w[p + "self_attn.o_proj.weight"].T + g
-    h = rms(residual, w[p + "post_attention_layernorm.weight"], eps)
-    m = (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
-    state = m + residual
+    residual = attention(w, p, cfg, x) + g
+    state = mlp(w, p, rms(residual, w[p + "post_attention_layernorm.weight"], eps)) + residual
     draft = rms(state, w["norm.weight"], eps) @ w["lm_head.weight"].T  # [n, Vd]
     logits = draft.new_full((n, cfg["vocab_size"]), float("-inf"))
     logits[:, torch.arange(cfg["draft_vocab_size"]) + w["d2t"]] = draft
@@ -109,6 +109,18 @@ def medusa_reference(cfg, w, hidden):
             logits = full
         out.append(logits)
     return out
+
+
+def with_readout(drafter, vocab, lora):
+    """Give the drafter a reduced draft vocabulary and/or a (non-zero) LoRA read-out."""
+    if vocab:
+        drafter.set_draft_vocab(torch.arange(0, 200, 2))
+    if lora:
+        drafter.add_vocab_lora(peft.LoraConfig(r=4, lora_alpha=8))
+        with torch.no_grad():
+            for n, p in drafter.named_parameters():
+                if "lora_" in n:
+                    p.normal_(std=0.2)
 
 
 # ------------------------------------------------------------------------------ tests
@@ -139,14 +151,7 @@ def test_eagle_export_is_complete_and_exact(model, tmp_path, engine, arch):
 @pytest.mark.parametrize("vocab, lora", [(0, False), (100, False), (100, True)])
 def test_eagle3_export_is_complete_and_exact(model, tmp_path, vocab, lora):
     drafter = randomized(selfspec.new_drafter("eagle3", model, draft_vocab_size=vocab), seed=6, std=0.1)
-    if vocab:
-        drafter.set_draft_vocab(torch.arange(0, 200, 2))
-    if lora:
-        drafter.add_vocab_lora(peft.LoraConfig(r=4, lora_alpha=8))
-        with torch.no_grad():
-            for n, p in drafter.named_parameters():
-                if "lora_" in n:
-                    p.normal_(std=0.2)
+    with_readout(drafter, vocab, lora)
     cfg, w = read(export(drafter, model, "eagle3", tmp_path / "e3"))
     c, h = drafter.config, 64
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
@@ -177,14 +182,7 @@ def test_eagle3_export_is_complete_and_exact(model, tmp_path, vocab, lora):
 def test_medusa_export_is_complete_and_exact(model, tmp_path, vocab, lora):
     drafter = randomized(selfspec.new_drafter("medusa", model, num_heads=3, num_layers=2, draft_vocab_size=vocab),
                          seed=5, std=0.1)
-    if vocab:
-        drafter.set_draft_vocab(torch.arange(0, 200, 2))
-    if lora:
-        drafter.add_vocab_lora(peft.LoraConfig(r=4, lora_alpha=8))
-        with torch.no_grad():
-            for n, p in drafter.named_parameters():
-                if "lora_" in n:
-                    p.normal_(std=0.2)
+    with_readout(drafter, vocab, lora)
     cfg, w = read(export(drafter, model, "medusa", tmp_path / "m"))
     assert cfg["architectures"] == ["MedusaModel"] and cfg["model_type"] == "medusa"
     assert (cfg["num_heads"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]) == (3, 2, 64, 256)

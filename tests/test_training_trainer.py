@@ -22,18 +22,24 @@ def target():
     return make_tiny("llama", dtype=torch.float32, seed=2)
 
 
-@pytest.fixture(scope="module")
-def sequences(target):
-    """The tiny target's own greedy continuations of random prompts, with its hidden states."""
+def greedy_sequences(target, layers=()):
+    """The target's own greedy continuations of random prompts, with its hidden states (and the
+    hidden states of ``layers``, for drafters that fuse several)."""
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(12):
         prompt = torch.randint(0, 256, (6,), generator=g)
         ids = target.generate(prompt[None], max_new_tokens=26, do_sample=False, pad_token_id=0,
                               attention_mask=torch.ones(1, 6, dtype=torch.long))[0]
-        hidden = selfspec.target_features(target, ids[None]).hidden[0].half()
-        out.append(Sequence(id=f"s:{i}", ids=ids, hidden=hidden, prompt_len=6))
+        feats = selfspec.target_features(target, ids[None])
+        out.append(Sequence(id=f"s:{i}", ids=ids, hidden=feats.hidden[0].half(), prompt_len=6,
+                            layers=tuple(feats.layers[j][0].half() for j in layers)))
     return out
+
+
+@pytest.fixture(scope="module")
+def sequences(target):
+    return greedy_sequences(target)
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +54,8 @@ def peaked():
 
 @pytest.fixture(scope="module")
 def sequences3(peaked):
-    """The peaked target's greedy continuations with the target layers an EAGLE-3 drafter fuses."""
-    layers = selfspec.new_drafter("eagle3", peaked).config.fuse_layers
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(12):
-        prompt = torch.randint(0, 256, (6,), generator=g)
-        ids = peaked.generate(prompt[None], max_new_tokens=26, do_sample=False, pad_token_id=0,
-                              attention_mask=torch.ones(1, 6, dtype=torch.long))[0]
-        feats = selfspec.target_features(peaked, ids[None])
-        out.append(Sequence(id=f"s:{i}", ids=ids, hidden=feats.hidden[0].half(), prompt_len=6,
-                            layers=tuple(feats.layers[j][0].half() for j in layers)))
-    return out
+    """The peaked target's sequences with the target layers an EAGLE-3 drafter fuses."""
+    return greedy_sequences(peaked, selfspec.new_drafter("eagle3", peaked).config.fuse_layers)
 
 
 def config(kind, **kw):
