@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -51,6 +52,12 @@ class TreeBuffers:
     def max_depth(self) -> int:
         """Depth of the deepest node (0 for a root-only tree)."""
         return int(self.retrieve_paths.shape[1]) - 1
+
+    @cached_property
+    def level_bounds(self) -> tuple[int, ...]:
+        """Where each depth's nodes start, plus T: depth d is nodes ``[d]:[d+1]`` (nodes ordered by
+        depth). Computed once per tree object, so static-tree drafting does no host sync per step."""
+        return (0, *torch.bincount(self.depths).cumsum(0).tolist())
 
     def to(self, device: torch.device | str) -> TreeBuffers:
         """The same tree with every buffer on ``device``."""
