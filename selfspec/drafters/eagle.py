@@ -105,13 +105,16 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 class DraftLayer(nn.Module):
     """Pre-norm decoder layer whose attention reads and writes a one-layer ``KVStore``."""
 
+    attention_width = 1  # q/k/v read this many H-wide vectors per row
+
     def __init__(self, c: EagleConfig):
         super().__init__()
         self.c = c
+        width = self.attention_width * c.hidden_size
         self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.q_proj = nn.Linear(width, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.post_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
@@ -152,13 +155,11 @@ class FusedDraftLayer(DraftLayer):
     """EAGLE-3's layer. Its input row is ``[g ; e]`` (state, token embedding); attention reads
     ``[input_norm(e) ; hidden_norm(g)]`` through 2H-wide q/k/v and adds to g, the residual."""
 
+    attention_width = 2
+
     def __init__(self, c: EagleConfig):
         super().__init__(c)
-        h = c.hidden_size
-        self.hidden_norm = RMSNorm(h, c.rms_norm_eps)
-        self.q_proj = nn.Linear(2 * h, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(2 * h, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * h, c.num_kv_heads * c.head_dim, bias=False)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c.hidden_size
@@ -229,7 +230,7 @@ class EagleDrafter(Drafter):
         feats[0] = root_feat
         tokens = torch.empty(t, dtype=torch.long, device=root_feat.device)
         tokens[0] = root_token
-        bounds = [0, *torch.bincount(tree.depths).cumsum(0).tolist()]  # nodes of depth d: bounds[d]:bounds[d+1]
+        bounds = tree.level_bounds  # nodes of depth d: bounds[d]:bounds[d+1]
         base = state.length - 1  # position of the root (the bonus token's pair)
         for d in range(1, len(bounds) - 1):
             lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
