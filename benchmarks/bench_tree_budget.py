@@ -26,7 +26,7 @@ import torch
 import transformers
 
 import selfspec
-from selfspec.autotune import _key, auto_tree
+from selfspec.autotune import auto_tree, cache_key
 from selfspec.eval.questions import conversation, encode_conversation, load_questions
 from selfspec.models import cache_dir
 
@@ -89,7 +89,7 @@ def main():
     model, drafter, prompts = load(args)
 
     table_path = cache_dir() / "autotune.json"
-    key = _key(model, drafter)
+    key = cache_key(model, drafter)
     table = json.loads(table_path.read_text()) if table_path.is_file() else {}
     if (args.remeasure or args.smoke) and key in table:
         del table[key]

@@ -105,7 +105,7 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
     return out
 
 
-def _key(model: PreTrainedModel, drafter: Drafter) -> str:
+def cache_key(model: PreTrainedModel, drafter: Drafter) -> str:
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     return (f"v{VERSION}|{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|"
@@ -117,7 +117,7 @@ def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES) -> D
     the root-only tree (plain decoding) when no tree is expected to beat it."""
     path = cache_dir() / "autotune.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
-    key = _key(model, drafter)
+    key = cache_key(model, drafter)
     if key not in table:
         if any(int(n) < 1 for n in budgets):
             raise ValueError(f"tree budgets must be >= 1 node, got {tuple(budgets)}")
