@@ -24,9 +24,9 @@ from selfspec.hf import (
     StoreCache,
     TreeMask,
     attention_backend,
+    check_supported,
     new_store,
     selfspec_attention,
-    sliding_window,
     target_forward,
 )
 from selfspec.sampling import LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
@@ -139,7 +139,7 @@ def _prompt(input_ids: torch.Tensor | list[int]) -> torch.Tensor:
     return ids.long()
 
 
-def check_lengths(model: PreTrainedModel, prompt_len: int, max_new_tokens: int, tree_size: int) -> None:
+def check_lengths(model: PreTrainedModel, prompt_len: int, max_new_tokens: int) -> None:
     """Raise before any work when the request cannot fit the model's context."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -147,10 +147,6 @@ def check_lengths(model: PreTrainedModel, prompt_len: int, max_new_tokens: int, 
     if context and prompt_len + max_new_tokens > context:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
                          f"context of {context} tokens; shorten the prompt or lower max_new_tokens")
-    window = sliding_window(model)
-    if window and prompt_len + max_new_tokens + tree_size > window:
-        raise ValueError(f"the model uses a sliding attention window of {window} tokens, which tree verification "
-                         f"does not implement; keep prompt + max_new_tokens under {window - tree_size}")
 
 
 def _stream(streamer: Any, tokens: torch.Tensor) -> None:
@@ -219,12 +215,12 @@ def generate(
     """
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+    check_supported(model)  # a model loaded without load_target: its attention must take the tree
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompt = _prompt(input_ids).to(model.device)
-    check_lengths(model, prompt.numel(), max_new_tokens, 1)
+    check_lengths(model, prompt.numel(), max_new_tokens)
     tree = resolve_tree(tree, drafter, model)
     tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
-    check_lengths(model, prompt.numel(), max_new_tokens, _tree_rows(tree))
     dec = Decoding(sampling, acceptance, logits_processor, sampling.make_generator(model.device))
     return _run(model, prompt, drafter, tree, max_new_tokens, _eos_set(model, eos_token_id), streamer, dec)
 

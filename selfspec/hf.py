@@ -13,6 +13,14 @@ With no ``selfspec_tree`` the function is transformers' SDPA path, so a model sw
 ``selfspec.kernels.tree_attention`` (compact bitmask); elsewhere SDPA gets a boolean mask.
 ``SELFSPEC_ATTENTION=torch|triton`` forces one.
 
+The per-layer attention options that models pass to the interface are honoured in both paths,
+so every layer sees what it would see in plain decoding: ``sliding_window`` (Mistral, Gemma 2/3,
+gpt-oss, Phi-3: a node at position p sees keys at positions > p - window), ``softcap`` (Gemma 2:
+scores through ``softcap * tanh(s / softcap)``) and ``s_aux``/``sinks`` (gpt-oss: one learned
+logit per head joins the softmax and takes its share of the mass). The last two need scores that
+SDPA does not expose, so those layers run a plain-torch attention, as does any layer whose window
+actually cuts the prefix (the Triton kernel has no window).
+
 The KV cache is ``selfspec.cache.KVStore`` seen through ``StoreCache``, a ``transformers.Cache``
 whose layers write into the preallocated store.
 """
@@ -35,6 +43,8 @@ from selfspec.cache import KVStore, offset_causal_mask
 
 ATTENTION_NAME = "selfspec"
 BACKENDS = ("torch", "triton")
+# Layer kinds (``config.layer_types``) whose attention this module reproduces exactly for a tree.
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 # ----------------------------------------------------------------------------------- the tree mask
@@ -44,16 +54,31 @@ class TreeMask:
 
     ancestor_mask: torch.Tensor  # [T, T] bool, [i, j] True iff j is i or an ancestor of i
     backend: str  # "torch" or "triton"
-    _dense: dict = field(default_factory=dict, repr=False)  # kv_len -> [1, 1, T, kv_len] bool
+    _dense: dict = field(default_factory=dict, repr=False)  # (kv_len, window) -> [1, 1, T, kv_len] bool
     _bits: torch.Tensor | None = field(default=None, repr=False)  # [T, W] int32
 
-    def dense(self, kv_len: int) -> torch.Tensor:
-        """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors."""
-        if kv_len not in self._dense:
-            t = self.ancestor_mask.shape[0]
-            prefix = torch.ones(t, kv_len - t, dtype=torch.bool, device=self.ancestor_mask.device)
-            self._dense[kv_len] = torch.cat([prefix, self.ancestor_mask], dim=1)[None, None]
-        return self._dense[kv_len]
+    def dense(self, kv_len: int, window: int | None = None) -> torch.Tensor:
+        """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors; with a
+        sliding ``window``, only the keys less than ``window`` positions behind its own."""
+        key = (kv_len, window)
+        if key not in self._dense:
+            anc = self.ancestor_mask
+            t = anc.shape[0]
+            prefix = torch.ones(t, kv_len - t, dtype=torch.bool, device=anc.device)
+            mask = torch.cat([prefix, anc], dim=1)
+            if window is not None:
+                # Node i sits at position P + depth(i); prefix row j at position j, tree row j at
+                # P + depth(j). The tree itself is never wider than a window, but stay exact.
+                depth = anc.sum(1) - 1
+                start = kv_len - t
+                key_pos = torch.cat([torch.arange(start, device=anc.device), start + depth])
+                mask &= (start + depth)[:, None] - key_pos[None, :] < window
+            self._dense[key] = mask[None, None]
+        return self._dense[key]
+
+    def reach(self, kv_len: int) -> int:
+        """How far back the deepest node looks: its position minus the first key's (0) plus one."""
+        return kv_len - self.ancestor_mask.shape[0] + int(self.ancestor_mask.sum(1).max())
 
     def bits(self) -> torch.Tensor:
         """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
@@ -74,6 +99,38 @@ def attention_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
 
 
+def _window(kwargs: dict, reach: int) -> int | None:
+    """This layer's sliding window when it cuts something off: a query ``reach`` positions past
+    the first key sees all keys when reach <= window."""
+    window = kwargs.get("sliding_window")
+    return int(window) if window is not None and 0 < int(window) < reach else None
+
+
+def _torch_attention(
+    query: torch.Tensor,  # [B, Hq, T, D]
+    key: torch.Tensor,  # [B, Hkv, S, D]
+    value: torch.Tensor,  # [B, Hkv, S, D]
+    mask: torch.Tensor,  # bool (True = visible) or additive float, broadcastable to [B, Hq, T, S]
+    scale: float,
+    softcap: float | None,
+    sinks: torch.Tensor | None,  # [Hq] one extra logit per head, or None
+) -> torch.Tensor:
+    """Attention with explicit scores, for what SDPA cannot do (soft-capping, sink logits); ``[B, T, Hq, D]``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if sinks is not None:
+        # The sink is one more column of the softmax whose value row is zero: it only absorbs mass.
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
+
+
 def tree_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [B, Hq, T, D]
@@ -87,17 +144,33 @@ def tree_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The "selfspec" attention: prefix + tree (or causal) attention; returns ``[B, T, Hq, D]``."""
     q_len, kv_len = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = kwargs.pop("softcap", None)
+    sinks = kwargs.pop("s_aux", None)
+    if sinks is None:
+        sinks = kwargs.pop("sinks", None)
     if selfspec_tree is None:
-        if attention_mask is None and 1 < q_len < kv_len:
-            attention_mask = offset_causal_mask(q_len, kv_len, query.device)[None, None]
+        window = _window(kwargs, kv_len)  # the last query sits kv_len - 1 positions past the first key
+        if attention_mask is None and (window is not None or 1 < q_len < kv_len or softcap or sinks is not None):
+            attention_mask = offset_causal_mask(q_len, kv_len, query.device)
+            if window is not None:
+                q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+                attention_mask &= q_pos - torch.arange(kv_len, device=query.device)[None, :] < window
+            attention_mask = attention_mask[None, None]
+        if softcap is not None or sinks is not None:
+            return _torch_attention(query, key, value, attention_mask, scale, softcap, sinks), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("tree verification takes no padding mask; the engine decodes one sequence per call")
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if selfspec_tree.backend == "triton":
+    window = _window(kwargs, selfspec_tree.reach(kv_len))
+    plain = window is None and softcap is None and sinks is None
+    if selfspec_tree.backend == "triton" and plain:
         prefix = torch.full((query.shape[0],), kv_len - q_len, dtype=torch.int32, device=query.device)
         return kernels.tree_attention(query, key, value, prefix, selfspec_tree.bits(), scale), None
-    return sdpa_attention_forward(module, query, key, value, selfspec_tree.dense(kv_len), dropout, scale, **kwargs)
+    mask = selfspec_tree.dense(kv_len, window)
+    if softcap is not None or sinks is not None:
+        return _torch_attention(query, key, value, mask, scale, softcap, sinks), None
+    return sdpa_attention_forward(module, query, key, value, mask, dropout, scale, **kwargs)
 
 
 def padding_only_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -165,20 +238,12 @@ def check_supported(model: PreTrainedModel) -> None:
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{name} is an encoder-decoder model; selfspec speeds up decoder-only causal LMs")
-    if getattr(config, "layer_types", None) and any(t != "full_attention" for t in config.layer_types):
+    other = sorted(set(getattr(config.get_text_config(), "layer_types", None) or ()) - SUPPORTED_LAYER_TYPES)
+    if other:
         raise ValueError(
-            f"{name} has non-full-attention layers ({sorted(set(config.layer_types))}); tree verification "
-            "needs every layer to attend to the whole prefix"
+            f"{name} has {', '.join(other)} layers; tree verification supports full and sliding-window "
+            "attention layers only (their state must be rewindable to any accepted prefix)"
         )
-
-
-def sliding_window(model: PreTrainedModel) -> int | None:
-    """The model's sliding-window size when it applies to some layer, else None."""
-    config = model.config
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    window = getattr(config, "sliding_window", None)
-    return int(window) if window else None
 
 
 @contextlib.contextmanager

@@ -14,7 +14,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import transformers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -29,7 +36,41 @@ TINY = {
     "llama-mha": (LlamaForCausalLM, LlamaConfig, {"num_key_value_heads": 4}),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
     "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": None}),
+    # Attention options the engine must reproduce inside a tree; windows of 5 tokens so that they
+    # cut the prefix within a short test.
+    "mistral-window": (MistralForCausalLM, MistralConfig, {"sliding_window": 5}),
+    "qwen2-window": (Qwen2ForCausalLM, Qwen2Config, {"sliding_window": 5, "use_sliding_window": True,
+                                                     "max_window_layers": 1}),  # layer 1 slides
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, {"head_dim": 16, "sliding_window": 5,
+                                                     "layer_types": ["sliding_attention", "full_attention"]}),
+    # Scores of random weights are tiny: unit query scaling and a cap of 0.1 make the cap bind.
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, {"head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 1,
+                                                 "attn_logit_softcapping": 0.1}),
+    # + attention sinks (see make_tiny); fp32 only: its expert matmuls take no fp64.
+    "gpt-oss": (GptOssForCausalLM, GptOssConfig, {"head_dim": 16, "sliding_window": 5, "num_local_experts": 4,
+                                                 "num_experts_per_tok": 2,
+                                                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
+# Further families, checked end to end in tests/test_architectures.py (model class, config class, extra).
+FAMILIES = {
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 16}),
+    "phi": ("PhiForCausalLM", "PhiConfig", {}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {"pad_token_id": 0}),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", {}),
+    "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", {"pad_token_id": 0}),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                          "moe_intermediate_size": 32,
+                                                          "shared_expert_intermediate_size": 32}),
+    # Multi-head attention only: their configs have no KV-head count.
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {"n_layer": 2, "n_head": 4, "num_key_value_heads": 4}),
+    "gpt-neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {"num_key_value_heads": 4}),
+    "opt": ("OPTForCausalLM", "OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64, "num_key_value_heads": 4}),
+}
+TINY.update({name: (getattr(transformers, m), getattr(transformers, c), extra) for name, (m, c, extra) in FAMILIES.items()})
+# Attention written inline, not through AttentionInterface: must be refused (tests/test_architectures.py).
+TINY["stablelm"] = (transformers.StableLmForCausalLM, transformers.StableLmConfig, {})
 
 
 def make_tiny(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int = 0, vocab: int = 256):
@@ -40,7 +81,11 @@ def make_tiny(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int
     sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     config = config_cls(**{**sizes, **extra})
-    return model_cls(config).to(dtype).eval()
+    model = model_cls(config)
+    for layer in getattr(getattr(model, "model", None), "layers", ()):
+        if hasattr(layer.self_attn, "sinks"):  # initialized near 0; make them take a real share of the mass
+            torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+    return model.to(dtype).eval()
 
 
 @pytest.fixture(scope="session")
