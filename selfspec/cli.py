@@ -146,6 +146,13 @@ def pick_drafter(name: str, model: Any, quiet: bool = False):
             if not quiet:
                 print("selfspec: no default drafter shipped; decoding without one", file=sys.stderr)
             return None
+        try:
+            return selfspec.load_drafter(name, model)
+        except ValueError as e:  # another target: say why 'default' (also the flag's default) cannot apply
+            why = str(e).split(";")[0].replace(f"drafter at {resolve_drafter_dir('default')} ", "it ")
+            raise ValueError(f"--drafter default is the drafter shipped for the default model (SmolLM2-135M-"
+                             f"Instruct) and {why}; pass --drafter none, or a drafter trained for this model "
+                             "(selfspec train --model ...)") from e
     return selfspec.load_drafter(name, model)
 
 

@@ -84,6 +84,14 @@ def test_mismatched_drafter(capsys, tiny_checkpoint, tmp_path, tiny_models):
     assert code == 1 and "but the target has" in err and err.count("\n") == 1
 
 
+def test_default_drafter_on_another_model_says_what_to_pass(capsys, tiny_checkpoint):
+    """--drafter defaults to the shipped drafter, which fits the default model only: the one-line
+    error names the option that works (--drafter none) rather than just the shape mismatch."""
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "hi")
+    assert code == 1 and err.count("\n") == 1
+    assert "shipped for the default model" in err and "hidden_size" in err and "--drafter none" in err
+
+
 def test_corrupt_drafter(capsys, tiny_checkpoint, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text("{oops")
