@@ -114,3 +114,19 @@ def test_same_command_under_torchrun_two_processes(setup, tmp_path):
     shards = sorted(p.name for p in (out.parent / "ddp.work" / "distill").glob("responses.rank*.jsonl"))
     assert shards == ["responses.rank0.jsonl", "responses.rank1.jsonl"]  # each rank distilled its share
     assert summary["distill"]["requested"] == 14
+
+
+def test_train_help_explains_every_flag_with_preset_values():
+    """Every `selfspec train` flag has help text, and each value a preset sets is shown on its flag."""
+    from selfspec.cli import build_parser
+    from selfspec.training.presets import PRESETS
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    actions = {a.dest: a for a in train._actions}
+    assert all(a.help for a in train._actions), [a.dest for a in train._actions if not a.help]
+    for name, sections in PRESETS.items():
+        for section, values in sections.items():
+            for field, value in values.items():
+                assert f"{name}: {value}" in actions[f"{section}__{field}"].help, (section, field)
+    subprocess.run([sys.executable, "-m", "selfspec.cli", "train", "--help"], check=True, capture_output=True)

@@ -47,12 +47,28 @@ def _dest(section: str, name: str) -> str:
     return f"{section}__{name}"
 
 
+def _with_defaults(text: str | None, section: str, f: dataclasses.Field) -> str | None:
+    """The field's help plus its default and what each preset sets it to, e.g. "(default: 2;
+    quick: 2, full: 3)": presets change many values, and --help should show them."""
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    parts = [] if default in (None, "", [], False) else [f"default: {default}"]
+    by_preset = [f"{name}: {values[section][f.name]}" for name, values in PRESETS.items()
+                 if f.name in values.get(section, {})]
+    if by_preset:
+        parts.append(", ".join(by_preset))
+    if not parts:
+        return text
+    return f"{text or ''} ({'; '.join(parts)})".replace("%", "%%")
+
+
 def _add_fields(group: argparse._ArgumentGroup, section: str, cls: type, skip: set[str] = frozenset()) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS,
+                              "help": _with_defaults(f.metadata.get("help"), section, f)}
         hint = hints[f.name]
         if hint is not bool:
             kw["metavar"] = f.name.upper()
