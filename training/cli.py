@@ -121,8 +121,9 @@ def check_train(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     args.settings = settings
-    if not settings.data.sources:
-        raise UsageError("no training data; pass --data FILE_OR_DATASET (JSON/JSONL/TXT file or hub dataset name)")
+    if not settings.data.sources and not settings.data.self_prompts:
+        raise UsageError("no training data; pass --data FILE_OR_DATASET (JSON/JSONL/TXT file or hub dataset name) "
+                         "or --self-prompts N (the target writes N prompts)")
     for source in settings.data.sources:
         path = Path(source).expanduser()
         if path.suffix in (".json", ".jsonl", ".txt") and not path.is_file():

@@ -71,12 +71,17 @@ class DataConfig:
         default=0, metadata={"help": "use at most this many rows of each source (a seeded random sample); 0 = all"})
     cache_dir: str | None = dataclasses.field(
         default=None, metadata={"help": "datasets cache directory (default: the datasets library's own)"})
+    self_prompts: int = dataclasses.field(
+        default=0, metadata={"help": "also let the target write this many prompts itself, after its chat "
+                                     "template's user-turn header (Magpie-style; with or without --data)"})
 
     def __post_init__(self):
         if self.format != "auto" and self.format not in FORMATS:
             raise ValueError(f"unknown data format {self.format!r}; use auto or one of {', '.join(FORMATS)}")
         if self.max_per_source < 0:
             raise ValueError(f"max_per_source must be >= 0 (0 = all rows), got {self.max_per_source}")
+        if self.self_prompts < 0:
+            raise ValueError(f"self_prompts must be >= 0 (0 = none), got {self.self_prompts}")
 
 
 # ---------------------------------------------------------------------------------------- shapes
@@ -208,12 +213,14 @@ def load_examples(source: str, config: DataConfig, seed: int = 0) -> tuple[list[
 
 def load_all(config: DataConfig, seed: int = 0) -> tuple[list[Example], list[DataReport]]:
     """Examples of every source, shuffled together with ``seed``."""
-    if not config.sources:
-        raise ValueError("no training data given; pass --data FILE_OR_DATASET (repeatable)")
+    if not config.sources and not config.self_prompts:
+        raise ValueError("no training data given; pass --data FILE_OR_DATASET (repeatable) or --self-prompts N")
     examples, reports = [], []
     names = [Path(s).stem if Path(s).expanduser().exists() else s for s in config.sources]
     if len(set(names)) != len(names):
         raise ValueError(f"two data sources share a name ({names}); example ids (name:row) would collide, rename one")
+    if config.self_prompts and "self" in names:
+        raise ValueError("a data source is named 'self', which --self-prompts uses for its example ids; rename it")
     for source in config.sources:
         found, report = load_examples(source, config, seed)
         examples += found

@@ -162,24 +162,24 @@ def _read_jsonl(path: Path, repair: bool) -> list[dict[str, Any]]:
     return records
 
 
-def read_responses(work_dir: Path, own: Path | None = None) -> dict[str, dict[str, Any]]:
+def read_responses(work_dir: Path, own: Path | None = None, pattern: str = "responses.rank*.jsonl") -> dict[str, dict[str, Any]]:
     """Every cached record of every shard, by example id (``own``: the caller's shard, repaired)."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(work_dir.glob("responses.rank*.jsonl")):
+    for path in sorted(work_dir.glob(pattern)):
         for record in _read_jsonl(path, repair=path == own):
             found[record["id"]] = record
     return found
 
 
-def check_manifest(work_dir: Path, settings: dict[str, Any], dist: Dist) -> None:
-    """Refuse a cache written with other settings; write the manifest on first use."""
-    path = work_dir / MANIFEST
+def check_manifest(work_dir: Path, settings: dict[str, Any], dist: Dist, name: str = MANIFEST) -> None:
+    """Refuse a cache written with other settings; write the manifest ``name`` on first use."""
+    path = work_dir / name
     if path.is_file():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             key, (a, b) = next(iter(diff.items()))
-            raise ValueError(f"{work_dir} holds responses made with {key}={a!r}, not {b!r}; "
+            raise ValueError(f"{work_dir} holds records made with {key}={a!r}, not {b!r}; "
                              "use another --work-dir (or --overwrite) to regenerate")
     elif dist.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)

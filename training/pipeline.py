@@ -1,4 +1,5 @@
-"""``selfspec train`` end to end: data -> self-distillation -> features -> training -> calibration.
+"""``selfspec train`` end to end: data (+ prompts the target writes) -> self-distillation -> features ->
+training -> calibration.
 
 Every stage caches its output under the work directory and reuses it when run again with the
 same settings, so a killed run restarted with ``--resume`` redoes nothing that was finished:
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from selfspec.training.calibrate import CalibrationConfig, calibrate
 from selfspec.training.data import DataConfig, load_all, split_held_out
 from selfspec.training.distill import DistillConfig, distill, sequences
 from selfspec.training.features import FeatureConfig
+from selfspec.training.self_prompts import write_prompts
 from selfspec.training.trainer import TrainConfig, Trainer, measure_tau
 from selfspec.training.utils import Dist, atomic_write_text, publish
 
@@ -109,6 +112,11 @@ def fused_layers(kind: str, model: Any) -> list[int]:
 def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist) -> dict[str, Any]:
     """Load the examples, self-distill them, capture features; returns what training needs."""
     examples, reports = load_all(s.data, seed=s.train.seed)
+    if s.data.self_prompts:
+        written, report = write_prompts(model, tokenizer, s.data.self_prompts, work / "self_prompts",
+                                        s.distill.batch_size, seed=s.train.seed, dist=dist)
+        examples, reports = examples + written, reports + [report]
+        random.Random(s.train.seed).shuffle(examples)  # held-out examples come from every source
     for r in reports:
         _say(dist, r.summary())
     train_ex, held_ex = split_held_out(examples, s.run.held_out)
