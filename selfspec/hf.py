@@ -162,6 +162,11 @@ def tree_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("tree verification takes no padding mask; the engine decodes one sequence per call")
+    if kwargs.get("position_bias") is not None:
+        # A bias the model builds over cache slots would be wrong for tree nodes, whose positions
+        # are prefix + depth, not their slots.
+        raise ValueError(f"{type(module).__name__} adds a position bias inside attention, which tree verification "
+                         "cannot reproduce; use a model with rotary or learned positions")
     window = _window(kwargs, selfspec_tree.reach(kv_len))
     plain = window is None and softcap is None and sinks is None
     if selfspec_tree.backend == "triton" and plain:

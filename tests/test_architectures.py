@@ -106,3 +106,14 @@ def test_model_without_attention_interface_is_refused_by_generate(tiny_models):
     model = tiny_models("stablelm")
     with pytest.raises(ValueError, match="AttentionInterface"):
         selfspec.generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=3)
+
+
+def test_a_position_bias_inside_attention_is_refused_in_a_tree():
+    """No supported family passes one today; should one appear, verification must stop, not guess."""
+    from selfspec.hf import TreeMask, tree_attention_forward
+    from selfspec.tree import chain
+
+    q, kv = torch.zeros(1, 2, 3, 8), torch.zeros(1, 1, 5, 8)
+    tree = TreeMask(chain(2).ancestor_mask, "torch")
+    with pytest.raises(ValueError, match="position bias"):
+        tree_attention_forward(torch.nn.Module(), q, kv, kv, None, selfspec_tree=tree, position_bias=torch.zeros(1, 2, 3, 5))
