@@ -56,6 +56,8 @@ class TreeMask:
     backend: str  # "torch" or "triton"
     _dense: dict = field(default_factory=dict, repr=False)  # (kv_len, window) -> [1, 1, T, kv_len] bool
     _bits: torch.Tensor | None = field(default=None, repr=False)  # [T, W] int32
+    _depths: torch.Tensor | None = field(default=None, repr=False)  # [T] int64
+    _max_depth: int | None = field(default=None, repr=False)
 
     def dense(self, kv_len: int, window: int | None = None) -> torch.Tensor:
         """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors; with a
@@ -69,16 +71,25 @@ class TreeMask:
             if window is not None:
                 # Node i sits at position P + depth(i); prefix row j at position j, tree row j at
                 # P + depth(j). The tree itself is never wider than a window, but stay exact.
-                depth = anc.sum(1) - 1
+                depth = self.depths()
                 start = kv_len - t
                 key_pos = torch.cat([torch.arange(start, device=anc.device), start + depth])
                 mask &= (start + depth)[:, None] - key_pos[None, :] < window
             self._dense[key] = mask[None, None]
         return self._dense[key]
 
+    def depths(self) -> torch.Tensor:
+        """Depth of each node (number of strict ancestors), ``[T]``."""
+        if self._depths is None:
+            self._depths = self.ancestor_mask.sum(1) - 1
+        return self._depths
+
     def reach(self, kv_len: int) -> int:
-        """How far back the deepest node looks: its position minus the first key's (0) plus one."""
-        return kv_len - self.ancestor_mask.shape[0] + int(self.ancestor_mask.sum(1).max())
+        """How far back the deepest node looks: its position minus the first key's (0) plus one.
+        One host read per forward (the mask is shared by all layers), and only for windowed layers."""
+        if self._max_depth is None:
+            self._max_depth = int(self.depths().max())
+        return kv_len - self.ancestor_mask.shape[0] + self._max_depth + 1
 
     def bits(self) -> torch.Tensor:
         """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
@@ -151,7 +162,8 @@ def tree_attention_forward(
         sinks = kwargs.pop("sinks", None)
     if selfspec_tree is None:
         window = _window(kwargs, kv_len)  # the last query sits kv_len - 1 positions past the first key
-        if attention_mask is None and (window is not None or 1 < q_len < kv_len or softcap or sinks is not None):
+        if attention_mask is None and (window is not None or 1 < q_len < kv_len or softcap is not None
+                                       or sinks is not None):
             attention_mask = offset_causal_mask(q_len, kv_len, query.device)
             if window is not None:
                 q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
@@ -167,7 +179,7 @@ def tree_attention_forward(
         # are prefix + depth, not their slots.
         raise ValueError(f"{type(module).__name__} adds a position bias inside attention, which tree verification "
                          "cannot reproduce; use a model with rotary or learned positions")
-    window = _window(kwargs, selfspec_tree.reach(kv_len))
+    window = _window(kwargs, selfspec_tree.reach(kv_len)) if kwargs.get("sliding_window") else None
     plain = window is None and softcap is None and sinks is None
     if selfspec_tree.backend == "triton" and plain:
         prefix = torch.full((query.shape[0],), kv_len - q_len, dtype=torch.int32, device=query.device)
