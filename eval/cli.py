@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from selfspec.cli import TREE_HELP, UsageError, check_model_arg
+from selfspec.cli import TREE_HELP, VERIFY_HELP, UsageError, check_model_arg
 from selfspec.eval.methods import METHODS
 
 DEFAULT_OUT = "runs/eval"
@@ -66,6 +66,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         "but no longer follows the model's distribution (at temperature 0 it is greedy) (default: %(default)s)",
     )
     p.add_argument(
+        "--verify",
+        choices=["exact", "batched"],
+        default="exact",
+        help="for the selfspec method: " + VERIFY_HELP + " (default: %(default)s)",
+    )
+    p.add_argument(
         "--turns",
         choices=["first", "all"],
         default="first",
@@ -100,7 +106,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16", "float64"],
-        help="model dtype (default: fp32 on CPU, bf16 on CUDA; float64 for exactness checks)",
+        help="model dtype of the target, used by every method alike (default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs; float64 for exactness checks)",
     )
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     p.add_argument(
@@ -201,6 +207,7 @@ def check_eval(args: argparse.Namespace) -> None:
             seed=args.seed,
             tree=args.tree,
             acceptance=args.acceptance,
+            verify=args.verify,
             turns=args.turns,
             limit=args.limit,
             per_category=args.per_category,

@@ -113,9 +113,10 @@ class SelfspecMethod:
     """``selfspec.generate`` with or without a drafter; ``tree`` and ``acceptance`` are passed as
     given (they only matter with a drafter)."""
 
-    def __init__(self, name: str, model: Any, drafter: Any, tree: Any = "static", acceptance: str = "exact"):
+    def __init__(self, name: str, model: Any, drafter: Any, tree: Any = "static", acceptance: str = "exact",
+                 verify: str = "exact"):
         self.name, self.model, self.drafter = name, model, drafter
-        self.tree, self.acceptance = tree, acceptance
+        self.tree, self.acceptance, self.verify = tree, acceptance, verify
         self.accepted = selfspec_parameters()
 
     def generate(
@@ -133,6 +134,7 @@ class SelfspecMethod:
             streamer=streamer,
             tree=self.tree,
             acceptance=self.acceptance,
+            verify=self.verify,
             **sampling.selfspec_kwargs(self.accepted),
         )
         s = result.stats
@@ -155,8 +157,9 @@ def build_methods(
     pld_tokens: int = 10,
     tree: Any = "static",
     acceptance: str = "exact",
+    verify: str = "exact",
 ) -> dict[str, Any]:
-    """name -> method object, in the order given. ``tree``/``acceptance`` apply to 'selfspec'."""
+    """name -> method object, in the order given. ``tree``/``acceptance``/``verify`` apply to 'selfspec'."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[str, Any] = {}
     for name in names:
@@ -175,7 +178,7 @@ def build_methods(
                 raise ValueError(
                     "method 'selfspec' needs a drafter; pass --drafter DIR or drop it from --methods"
                 )
-            out[name] = SelfspecMethod(name, model, drafter, tree, acceptance)
+            out[name] = SelfspecMethod(name, model, drafter, tree, acceptance, verify)
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return out

@@ -181,7 +181,8 @@ def markdown(results: dict[str, Any]) -> str:
     setting = (
         f"{n_questions} questions ({', '.join(c['questions'])}), turns: {c['turns']}, {sampling}, "
         f"max {c['max_new_tokens']} new tokens, {c['repeats']} repeat(s) (medians), warm-up {c['warmup']}, "
-        f"selfspec tree {c.get('tree', 'static')}, {c.get('acceptance', 'exact')} acceptance; "
+        f"selfspec tree {c.get('tree', 'static')}, {c.get('acceptance', 'exact')} acceptance, "
+        f"{c.get('verify', 'exact')} verification; dtype {results['models']['target']['dtype']} for every method; "
         "methods interleaved, order rotated per question and repeat."
     )
     legend = (

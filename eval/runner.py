@@ -65,6 +65,9 @@ class EvalConfig:
     acceptance: str = field(
         default="exact", metadata=_h("selfspec's acceptance: exact (lossless) or typical (lossy)")
     )
+    verify: str = field(
+        default="exact", metadata=_h("selfspec's verification: exact (bitwise per node) or batched (one masked pass)")
+    )
     turns: str = field(default="first", metadata=_h("'first' or 'all' (the model's answers fed back)"))
     limit: int | None = field(default=None, metadata=_h("first K questions of each file"))
     per_category: int | None = field(default=None, metadata=_h("at most K questions per category"))
@@ -76,7 +79,7 @@ class EvalConfig:
     wandb: str = field(default="offline", metadata=_h(f"one of {MODES}"))
     wandb_project: str = field(default="selfspec-eval", metadata=_h("W&B project name"))
     resume: bool = field(default=False, metadata=_h("continue an interrupted eval in the same out directory"))
-    dtype: str | None = field(default=None, metadata=_h("model dtype; default fp32 on CPU, bf16 on CUDA"))
+    dtype: str | None = field(default=None, metadata=_h("model dtype, the same for every method; default bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere"))
     device: str | None = field(default=None, metadata=_h("torch device; default cuda when available"))
     threads: int | None = field(
         default=None, metadata=_h("torch CPU threads; default: torch's current count")
@@ -121,6 +124,8 @@ class EvalConfig:
         self.tree = parse_tree(self.tree)
         if self.acceptance not in ("exact", "typical"):
             raise ValueError(f"--acceptance must be 'exact' or 'typical', got {self.acceptance!r}")
+        if self.verify not in ("exact", "batched"):
+            raise ValueError(f"--verify must be 'exact' or 'batched', got {self.verify!r}")
 
     def sampling(self) -> M.Sampling:
         return M.Sampling(self.temperature, self.top_p, self.top_k, self.seed)
@@ -174,6 +179,7 @@ def load(config: EvalConfig) -> Context:
         config.pld_tokens,
         tree=config.tree,
         acceptance=config.acceptance,
+        verify=config.verify,
     )
     info = models_info(config, model, drafter, assistant)
     return Context(config, model, tokenizer, methods, info, PeakMemory(model.device), info["target"]["dtype"])

@@ -37,7 +37,7 @@ from selfspec.models import cache_dir
 from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
-VERSION = 2  # bump when the candidates or the cost model change: older cache entries are re-measured
+VERSION = 3  # bump when the candidates or the cost model change: older cache entries are re-measured
 
 
 def expected_tau(acceptance: torch.Tensor, budget: int) -> float:
@@ -72,7 +72,8 @@ def _median_s(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix: int = 256, repeats: int = 5):
+def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix: int = 256, repeats: int = 5,
+            verify: str = "exact"):
     """Seconds of (draft step, verify forward) per budget, on random tokens at a ``prefix`` context."""
     g = torch.Generator().manual_seed(0)
     vocab = model.config.get_text_config().vocab_size
@@ -96,7 +97,7 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
                 return drafter.propose(state, first.hidden, ids.roll(-1), spec)
 
             tree_draft = draft()
-            mask = TreeMask(tree_draft.tree.ancestor_mask, backend) if tree_draft.tree.size > 1 else None
+            mask = TreeMask(tree_draft.tree.ancestor_mask, backend, verify == "exact") if tree_draft.tree.size > 1 else None
 
             def verify(cache=cache, d=tree_draft, mask=mask):
                 target_forward(model, cache, d.tokens, d.tree.depths, mask, drafter.feature_layers)
@@ -105,24 +106,24 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
     return out
 
 
-def cache_key(model: PreTrainedModel, drafter: Drafter) -> str:
+def cache_key(model: PreTrainedModel, drafter: Drafter, verify: str = "exact") -> str:
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     return (f"v{VERSION}|{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|"
-            f"{drafter.num_parameters_own()}")
+            f"{drafter.num_parameters_own()}|verify={verify}")
 
 
-def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES) -> DynamicTree | TreeBuffers:
+def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, verify: str = "exact") -> DynamicTree | TreeBuffers:
     """The dynamic tree whose budget maximizes expected tokens/s here (measured once, cached);
     the root-only tree (plain decoding) when no tree is expected to beat it."""
     path = cache_dir() / "autotune.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
-    key = cache_key(model, drafter)
+    key = cache_key(model, drafter, verify)
     if key not in table:
         if any(int(n) < 1 for n in budgets):
             raise ValueError(f"tree budgets must be >= 1 node, got {tuple(budgets)}")
         acc = drafter_acceptance(drafter, DynamicTree())
-        costs = measure(model, drafter, budgets)
+        costs = measure(model, drafter, budgets, verify=verify)
         rates = {n: expected_tau(acc, n) / (d + v) for n, (d, v) in costs.items()}
         best = max(rates, key=rates.get)
         table[key] = {"budget": best, "expected_tokens_per_s": rates,

@@ -43,7 +43,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "/ selfspec train (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text, without the chat template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: bf16 on CUDA and on CPUs with native bf16 dot products, AVX512_BF16 or AMX; fp32 on other CPUs)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     add_decoding_args(p)
     p.add_argument("--compare", action="store_true",
@@ -65,6 +65,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default="static", help=TREE_HELP + " (default: %(default)s)")
     p.add_argument("--acceptance", choices=["exact", "typical"], default="exact",
                    help="'exact' is lossless; 'typical' (Medusa) accepts more but is lossy (default: %(default)s)")
+    p.add_argument("--verify", choices=["exact", "batched"], default="exact", help=VERIFY_HELP + " (default: %(default)s)")
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,9 +81,10 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise UsageError(str(e)) from e
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-            "tree": tree, "acceptance": args.acceptance}
+            "tree": tree, "acceptance": args.acceptance, "verify": args.verify}
 
 
+VERIFY_HELP = ("'exact' (default): every tree node computes bitwise what a one-token step computes, so greedy output is bitwise the model's own in any dtype; 'batched': one masked pass per tree, cheaper on a CPU, equal to plain decoding only up to floating-point near-ties")
 TREE_HELP = ("draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step from the "
              "drafter's confidence), N (dynamic with N nodes; 1 = no drafting), or 'auto' (the size measured "
              "fastest on this device, cached; may be 1 where drafting does not pay)")

@@ -26,6 +26,7 @@ from selfspec.hf import (
     attention_backend,
     check_supported,
     new_store,
+    VERIFY,
     selfspec_attention,
     target_forward,
 )
@@ -81,6 +82,7 @@ class Decoding:
     acceptance: str = "exact"  # "exact" (lossless) or "typical" (Medusa's, lossy)
     logits_processor: LogitsProcessor | None = None
     generator: torch.Generator | None = None
+    exact_verify: bool = True  # TreeMask.exact: per-node bitwise verification (selfspec.hf.VERIFY)
 
     @property
     def plain_greedy(self) -> bool:
@@ -157,7 +159,8 @@ def _stream(streamer: Any, tokens: torch.Tensor) -> None:
 TreeArg = TreeBuffers | DynamicTree | str | int | None
 
 
-def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel) -> TreeBuffers | DynamicTree:
+def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel,
+                 verify: str = "exact") -> TreeBuffers | DynamicTree:
     """None/"static": the drafter's (calibrated) static tree; "dynamic": a per-step tree of the
     default budget; an int N: dynamic with N nodes; "auto": the budget measured fastest here."""
     if drafter is None:
@@ -171,7 +174,7 @@ def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel)
     if tree == "auto":
         from selfspec.autotune import auto_tree
 
-        return auto_tree(model, drafter)
+        return auto_tree(model, drafter, verify=verify)
     if isinstance(tree, int) and not isinstance(tree, bool):
         if tree < 1:
             raise ValueError(f"tree size must be >= 1 node, got {tree}")
@@ -200,6 +203,7 @@ def generate(
     seed: int | None = None,
     logits_processor: LogitsProcessor | None = None,
     acceptance: str = "exact",
+    verify: str = "exact",
 ) -> GenerationResult:
     """Speculative decoding. Greedy output equals ``model.generate(do_sample=False)``; with
     ``temperature > 0`` the output follows the target's (warped) distribution exactly.
@@ -212,16 +216,21 @@ def generate(
     its own context. acceptance: "exact" (lossless) or "typical" (Medusa's typical acceptance,
     faster but lossy: the output no longer follows the target's distribution exactly).
     streamer: a transformers streamer; it receives the prompt first, as with HF generate.
+    verify: "exact" (every tree node computes bitwise what a one-token step computes, so greedy
+    output is bitwise ``model.generate``'s in any dtype) or "batched" (one masked pass, cheaper on
+    a CPU, exact only up to floating-point near-ties); see ``selfspec.hf.VERIFY``.
     """
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
     check_supported(model)  # a model loaded without load_target: its attention must take the tree
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompt = _prompt(input_ids).to(model.device)
     check_lengths(model, prompt.numel(), max_new_tokens)
-    tree = resolve_tree(tree, drafter, model)
+    tree = resolve_tree(tree, drafter, model, verify)
     tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
-    dec = Decoding(sampling, acceptance, logits_processor, sampling.make_generator(model.device))
+    dec = Decoding(sampling, acceptance, logits_processor, sampling.make_generator(model.device), verify == "exact")
     return _run(model, prompt, drafter, tree, max_new_tokens, _eos_set(model, eos_token_id), streamer, dec)
 
 
@@ -235,7 +244,7 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> Ge
     with selfspec_attention(model):
         cache = StoreCache(new_store(model, max_len))
         state = drafter.begin(max_len) if drafter is not None else None
-        first = target_forward(model, cache, prompt, layers=feature_layers(drafter))
+        first = target_forward(model, cache, prompt, layers=feature_layers(drafter), last_logits_only=True)
         cache.store.commit(torch.arange(prompt.numel()))
         token = dec.first_token(first.logits[-1], prompt)  # [1]
         stats.prefill_s = time.perf_counter() - start
@@ -295,7 +304,7 @@ class _Loop:
             draft = self.drafter.propose(self.state, hidden, next_tokens, self.tree)
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
-        mask = TreeMask(draft.tree.ancestor_mask, backend) if draft.tree.size > 1 else None
+        mask = TreeMask(draft.tree.ancestor_mask, backend, self.dec.exact_verify) if draft.tree.size > 1 else None
         out = target_forward(self.model, self.cache, draft.tokens, draft.tree.depths, mask, feature_layers(self.drafter))
         committed = None
         if not self.dec.plain_greedy and self.dec.logits_processor is not None:

@@ -28,7 +28,9 @@ whose layers write into the preallocated store.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -40,9 +42,17 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from selfspec import kernels
 from selfspec.cache import KVStore, offset_causal_mask
+from selfspec.invariance import RowExactLinear, variant_linear_shapes
 
 ATTENTION_NAME = "selfspec"
 BACKENDS = ("torch", "triton")
+# How a tree is verified on the torch path. "exact": each node's logits, hidden states and K/V are
+# bitwise what one-token decoding computes at that node (per-depth attention over each node's own
+# keys, row-exact linear layers; see selfspec.invariance), so greedy output is bitwise the model's
+# own in any dtype. "batched": one masked attention call and plain multi-row GEMMs per forward,
+# cheaper on a CPU, equal to one-token decoding only up to the last bit (greedy output may differ
+# from HF at a near-tie, more often in bf16).
+VERIFY = ("exact", "batched")
 # Layer kinds (``config.layer_types``) whose attention this module reproduces exactly for a tree.
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
@@ -54,10 +64,12 @@ class TreeMask:
 
     ancestor_mask: torch.Tensor  # [T, T] bool, [i, j] True iff j is i or an ancestor of i
     backend: str  # "torch" or "triton"
+    exact: bool = True  # torch path: every node bitwise what a one-token step computes (see VERIFY)
     _dense: dict = field(default_factory=dict, repr=False)  # (kv_len, window) -> [1, 1, T, kv_len] bool
     _bits: torch.Tensor | None = field(default=None, repr=False)  # [T, W] int32
     _depths: torch.Tensor | None = field(default=None, repr=False)  # [T] int64
     _max_depth: int | None = field(default=None, repr=False)
+    _groups: list | None = field(default=None, repr=False)  # per depth: (nodes [n], key rows [n, d+1])
 
     def dense(self, kv_len: int, window: int | None = None) -> torch.Tensor:
         """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors; with a
@@ -90,6 +102,17 @@ class TreeMask:
         if self._max_depth is None:
             self._max_depth = int(self.depths().max())
         return kv_len - self.ancestor_mask.shape[0] + self._max_depth + 1
+
+    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The nodes of each depth d and their ancestors, root first: ``(nodes [n_d], anc [n_d, d+1])``
+        (tree-relative indices). Built once per forward; every layer's per-node attention reads it."""
+        if self._groups is None:
+            depths, self._groups = self.depths(), []
+            for d in range(int(depths.max()) + 1):
+                nodes = (depths == d).nonzero().flatten()
+                # A node's ancestors are its mask row's set bits; index order is depth order.
+                self._groups.append((nodes, self.ancestor_mask[nodes].nonzero()[:, 1].view(-1, d + 1)))
+        return self._groups
 
     def bits(self) -> torch.Tensor:
         """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
@@ -184,10 +207,47 @@ def tree_attention_forward(
     if selfspec_tree.backend == "triton" and plain:
         prefix = torch.full((query.shape[0],), kv_len - q_len, dtype=torch.int32, device=query.device)
         return kernels.tree_attention(query, key, value, prefix, selfspec_tree.bits(), scale), None
+    if plain and selfspec_tree.exact:
+        return _per_node_attention(module, query, key, value, selfspec_tree, dropout, scale, **kwargs), None
     mask = selfspec_tree.dense(kv_len, window)
     if softcap is not None or sinks is not None:
         return _torch_attention(query, key, value, mask, scale, softcap, sinks), None
     return sdpa_attention_forward(module, query, key, value, mask, dropout, scale, **kwargs)
+
+
+def _per_node_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, Hq, T, D]
+    key: torch.Tensor,  # [1, Hkv, P+T, D]
+    value: torch.Tensor,  # [1, Hkv, P+T, D]
+    tree: TreeMask,
+    dropout: float,
+    scale: float,
+    **kwargs,
+) -> torch.Tensor:
+    """Tree attention with each node's result bitwise what a one-token step computes there
+    (row invariance, see ``selfspec.invariance``): per depth d, one unmasked SDPA call over a batch
+    of single-query problems, node i attending to exactly its own P + d + 1 keys (the prefix, then
+    its ancestors in depth order), which is the call plain decoding makes at that position. A
+    masked call over all T queries reduces over other key counts and blocks and differs in the
+    last bit. The cost is a copy of the prefix's K/V per node that is not on the tree's first
+    chain; returns ``[1, T, Hq, D]``."""
+    if query.shape[0] != 1:
+        raise ValueError("tree verification decodes one sequence per call (batch 1)")
+    t, kv_len = query.shape[2], key.shape[2]
+    prefix = kv_len - t
+    out = query.new_empty(1, t, query.shape[1], query.shape[3])
+    for nodes, anc in tree.groups():
+        n, width = anc.shape
+        if n == 1 and int(anc[0, -1]) == width - 1:  # ancestors are tree rows 0..d: the cache is in order
+            k, v = key[:, :, : prefix + width], value[:, :, : prefix + width]
+        else:
+            rows = torch.cat([torch.arange(prefix, device=anc.device).expand(n, prefix), prefix + anc], 1)
+            k, v = key[0][:, rows].transpose(0, 1), value[0][:, rows].transpose(0, 1)  # [n, Hkv, P+d+1, D]
+        q = query[0][:, nodes, None].transpose(0, 1)  # [n, Hq, 1, D]
+        o, _ = sdpa_attention_forward(module, q, k, v, None, dropout, scale, **kwargs)  # [n, 1, Hq, D]
+        out[0, nodes] = o[:, 0]
+    return out
 
 
 def padding_only_mask(attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -294,6 +354,19 @@ def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
     )
 
 
+_VARIANT_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((dtype, threads), shapes)
+
+
+def row_exact(model: PreTrainedModel) -> contextlib.AbstractContextManager:
+    """A context in which the model's linear layers give every tree node its one-row result:
+    ``RowExactLinear`` over the weight shapes measured not row-invariant here (none: a no-op)."""
+    key = (model.dtype, torch.get_num_threads())
+    entry = _VARIANT_SHAPES.get(model)
+    if entry is None or entry[0] != key:
+        entry = _VARIANT_SHAPES[model] = (key, variant_linear_shapes(model))
+    return RowExactLinear(entry[1]) if entry[1] else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class TargetOutput:
     logits: torch.Tensor  # [T, V] fp32 logits at each input position / tree node
@@ -308,22 +381,32 @@ def target_forward(
     depths: torch.Tensor | None = None,  # [T] int64 tree depths; None = consecutive positions
     tree: TreeMask | None = None,  # None = causal over the new tokens
     layers: tuple[int, ...] = (-1,),  # hidden-state indices the drafter reads (0 = embeddings)
+    last_logits_only: bool = False,  # prefill: logits of the last position only (as HF generate)
 ) -> TargetOutput:
     """One target forward over new tokens after the committed cache rows; K/V land in the store
     (rows ``length .. length+T-1``) and are committed later by ``KVStore.commit``."""
     start = cache.store.length
     offsets = depths if depths is not None else torch.arange(tokens.shape[0], device=tokens.device)
-    out = model(
-        input_ids=tokens[None],
-        position_ids=(offsets + start)[None],
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=True,
-        selfspec_tree=tree,
-    )
+    extra = {"logits_to_keep": 1} if last_logits_only else {}
+    with row_exact(model) if tree is not None and tree.exact and tree.backend == "torch" else contextlib.nullcontext():
+        out = model(
+            input_ids=tokens[None],
+            position_ids=(offsets + start)[None],
+            use_cache=True,
+            output_hidden_states=True,
+            selfspec_tree=tree,
+            **{cache_argument(model): cache},
+            **extra,
+        )
     states = out.hidden_states
     hidden = states[layers[0]][0] if len(layers) == 1 else torch.cat([states[i][0] for i in layers], -1)
     return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward keyword that takes the cache: ``cache`` from transformers 5.2x (where
+    ``past_key_values`` still works but warns that it is deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 DEFAULT_NAME = "SmolLM2-135M-Instruct-Q4_1"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SHIPPED_DRAFTERS = Path(__file__).parent / "assets" / "drafters"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
 def cache_dir() -> Path:
@@ -99,9 +101,30 @@ def default_checkpoint() -> Path:
     return out
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 dot products or AMX tiles), so that
+    oneDNN runs bf16 GEMMs faster than fp32 ones. torch's own CPU checks, where this torch has
+    them; else the kernel's CPU flags (Linux)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(callable(c) for c in checks):
+        return any(bool(c()) for c in checks if callable(c))
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device, native_bf16: bool | None = None) -> torch.dtype:
+    """The dtype ``load_target`` picks when none is given: bf16 on CUDA (fp16 where bf16 is not
+    supported), bf16 on a CPU with native bf16 dot products (measured on an AMD EPYC Zen 5: HF
+    ``generate`` 28 tok/s in bf16 vs 19 in fp32 on the default model), fp32 on other CPUs, where
+    bf16 is emulated and slower than fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        return torch.bfloat16 if native else torch.float32
     return torch.float32
 
 
@@ -119,12 +142,15 @@ def load_target(
     """Load a frozen target model and its tokenizer.
 
     ``name_or_path``: "default", a Hugging Face model id, a local checkpoint directory, or a
-    ``.gguf`` file. ``dtype`` defaults to fp32 on CPU and bf16 on CUDA; ``device`` to CUDA when
-    available. Raises ValueError (before loading anything) for names that cannot be a model.
+    ``.gguf`` file. ``dtype`` defaults to ``default_dtype(device)`` (bf16 on CUDA and on CPUs with
+    native bf16 dot products, fp32 on other CPUs); ``device`` to CUDA when available. Raises ValueError (before loading anything) for names that cannot be a model.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or _default_dtype(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype(device)
     path = Path(os.path.expanduser(str(name_or_path)))
     kw: dict[str, Any] = {}
     if name_or_path == "default":

@@ -69,6 +69,9 @@ FAMILIES = {
     "opt": ("OPTForCausalLM", "OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64, "num_key_value_heads": 4}),
 }
 TINY.update({name: (getattr(transformers, m), getattr(transformers, c), extra) for name, (m, c, extra) in FAMILIES.items()})
+# A down projection with a long reduction (K = 1536, as the default model's): on CPUs whose bf16
+# GEMM blocks K differently for one row than for several, its rows are not row-invariant.
+TINY["llama-wide-mlp"] = (LlamaForCausalLM, LlamaConfig, {"intermediate_size": 1536})
 # Attention written inline, not through AttentionInterface: must be refused (tests/test_architectures.py).
 TINY["stablelm"] = (transformers.StableLmForCausalLM, transformers.StableLmConfig, {})
 
@@ -141,3 +144,27 @@ def tiny_checkpoint(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def node_mismatches(model, prompt, tree, tokens, exact=True):
+    """Tree nodes whose verify logits or hidden state differ, in any bit, from one-token decoding
+    along the node's own path (root first) after the same prompt: the branch oracle of exactness."""
+    from selfspec.hf import StoreCache, TreeMask, new_store, selfspec_attention, target_forward
+
+    def prefilled():
+        cache = StoreCache(new_store(model, prompt.numel() + tree.size + 1))
+        target_forward(model, cache, prompt)
+        cache.store.commit(torch.arange(prompt.numel()))
+        return cache
+
+    bad = []
+    with torch.inference_mode(), selfspec_attention(model):
+        verify = target_forward(model, prefilled(), tokens, tree.depths, TreeMask(tree.ancestor_mask, "torch", exact))
+        for i in range(tree.size):
+            cache = prefilled()
+            for j in tree.ancestor_mask[i].nonzero().flatten().tolist():
+                step = target_forward(model, cache, tokens[j : j + 1])
+                cache.store.commit(torch.arange(1))
+            if not (torch.equal(step.logits[0], verify.logits[i]) and torch.equal(step.hidden[0], verify.hidden[i])):
+                bad.append(i)
+    return bad

@@ -130,5 +130,6 @@ def calibrate(drafter: selfspec.Drafter, model, sequences: list[Sequence], confi
                          "hold out more or longer examples")
     paths = [list(p) for p in tree_from_acceptance(acceptance, config.tree_nodes).paths()]
     drafter.config.tree = paths
+    drafter.config.acceptance = [[round(float(a), 6) for a in row] for row in acceptance.tolist()]  # tree="auto" reads it
     drafter.tree = build_tree(paths)
     return Calibration(acceptance, positions, paths, expected_tau(acceptance, paths))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from selfspec.hf import cache_argument
 from selfspec.sampling import SamplingConfig, sample_tokens, warp_logits
 from selfspec.training.data import Example
 from selfspec.training.utils import Dist, atomic_write_text, progress
@@ -119,7 +120,8 @@ def generate_batch(
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, width] positions skip the padding
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                   **{cache_argument(model): cache}).logits
     pos, alive, out = pos[:, -1:], torch.arange(n, device=device), [[] for _ in range(n)]
     for step in range(max_new_tokens):
         probs = warp_logits(logits[:, -1], sampling)  # [a, V]
@@ -136,7 +138,8 @@ def generate_batch(
             token, mask, pos, alive = token[keep], mask[keep], pos[keep], alive[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
+                       **{cache_argument(model): cache}).logits
     return out
 
 

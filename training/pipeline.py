@@ -170,7 +170,10 @@ def run(settings: Settings) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
     dist = Dist.from_accelerator(accelerator)
-    model, tokenizer = selfspec.load_target(s.run.model, dtype=s.run.dtype, device=accelerator.device)
+    # Training keeps fp32 on CPU (the drafter trains in the target's dtype); load_target's own CPU
+    # default is bf16 where the CPU has native bf16, which is for decoding.
+    dtype = s.run.dtype or ("float32" if accelerator.device.type == "cpu" else None)
+    model, tokenizer = selfspec.load_target(s.run.model, dtype=dtype, device=accelerator.device)
     if s.run.overwrite and dist.is_main:
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()

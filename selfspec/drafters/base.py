@@ -65,6 +65,10 @@ class DrafterConfig:
     draft_vocab_size: int = dataclasses.field(
         default=0, metadata={"help": "tokens the drafter scores (a reduced draft vocabulary); 0 = all of vocab_size"}
     )
+    acceptance: list[list[float]] | None = dataclasses.field(
+        default=None, metadata={"help": "measured [depth][rank] acceptance on held-out data, written by calibration; "
+                                        "tree='auto' reads it (None = a prior)"}
+    )
 
     def __post_init__(self):
         for name in ("hidden_size", "vocab_size"):
@@ -75,6 +79,10 @@ class DrafterConfig:
                              f"got {self.draft_vocab_size}")
         if self.tree is not None:
             build_tree(self.tree)  # raises a ValueError naming the bad path
+        if self.acceptance is not None:
+            acc = torch.as_tensor(self.acceptance, dtype=torch.float64)
+            if acc.ndim != 2 or acc.numel() == 0 or bool(((acc < 0) | (acc > 1)).any()):
+                raise ValueError("acceptance must be a non-empty [depth][rank] matrix of probabilities in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
