@@ -52,6 +52,9 @@ class Stats:
     prefill_s: float = 0.0  # time to first token
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
+    draft_s: float = 0.0  # time in drafter.propose, over all steps
+    verify_s: float = 0.0  # time in the target's verify forwards (after the prefill)
+    accept_s: float = 0.0  # acceptance rule + KV commit
 
     def record_step(self, produced: int) -> None:
         self.steps += 1
@@ -293,23 +296,29 @@ class _Loop:
             _stream(streamer, torch.tensor(new))
             if done:
                 return torch.tensor(produced, device=self.model.device)
-            next_tokens, hidden = self.step(hidden, next_tokens, produced, backend)
+            next_tokens, hidden = self.step(hidden, next_tokens, produced, backend, stats)
             new = next_tokens.tolist()
             stats.record_step(len(new))
 
-    def step(self, hidden, next_tokens, produced, backend):
+    def step(self, hidden, next_tokens, produced, backend, stats):
         """Draft, verify in one forward, accept, commit. Returns the kept tokens + bonus [k] and
         the target's hidden state at each kept node [k, H]."""
+        t0 = time.perf_counter()
         if self.drafter is not None:
             draft = self.drafter.propose(self.state, hidden, next_tokens, self.tree)
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
+        t1 = time.perf_counter()
         mask = TreeMask(draft.tree.ancestor_mask, backend, self.dec.exact_verify) if draft.tree.size > 1 else None
         out = target_forward(self.model, self.cache, draft.tokens, draft.tree.depths, mask, feature_layers(self.drafter))
+        t2 = time.perf_counter()
         committed = None
         if not self.dec.plain_greedy and self.dec.logits_processor is not None:
             committed = torch.cat([self.prompt, torch.tensor(produced[:-1], dtype=torch.long, device=self.prompt.device)])
         acc = self.dec.accept(out.logits, draft, committed)
         self.cache.store.commit(acc.path)
         kept = torch.cat([draft.tokens[acc.path[1:]], acc.bonus.reshape(1)])  # drafted kept + bonus
+        stats.draft_s += t1 - t0
+        stats.verify_s += t2 - t1
+        stats.accept_s += time.perf_counter() - t2
         return kept, out.hidden[acc.path]

@@ -35,3 +35,13 @@ def test_tree_attention_smoke(tmp_path):
     out = tmp_path / "ta.json"
     run("bench_tree_attention.py", "--out", str(out), env={"TRITON_INTERPRET": "1"})
     assert json.loads(out.read_text())
+
+
+def test_cpu_fast_path_smoke(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = run("bench_cpu.py", "--dtypes", "bfloat16", "--out", str(out), env={"SELFSPEC_CACHE": str(tmp_path / "cache")})
+    record = json.loads(out.read_text())["dtypes"]["bfloat16"]
+    assert set(record["decode"]) == {"hf", "engine", "static", "dynamic", "auto", "static-batched"}
+    # Exact verification: bitwise HF in bf16 for every method that verifies exactly.
+    assert all(r["identical_to_hf"] == "2/2" for name, r in record["decode"].items() if name != "static-batched")
+    assert set(record["verify"]) == {"exact", "batched"} and "| mode | T=1 |" in proc.stdout

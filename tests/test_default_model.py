@@ -41,9 +41,12 @@ def encode(tokenizer, prompt):
                                          return_tensors="pt", return_dict=True)["input_ids"]
 
 
-def drafters(model):
-    yield "medusa-random", randomized(selfspec.new_drafter("medusa", model), seed=1, std=0.02), "static"
-    yield "eagle-random", randomized(selfspec.new_drafter("eagle", model), seed=2, std=0.02), "static"
+def drafters(model, with_random):
+    """The shipped drafter (static and dynamic trees); untrained Medusa/EAGLE ones when asked
+    (they keep ~1 token a step, so they cost a full tree per token: a few prompts suffice)."""
+    if with_random:
+        yield "medusa-random", randomized(selfspec.new_drafter("medusa", model), seed=1, std=0.02), "static"
+        yield "eagle-random", randomized(selfspec.new_drafter("eagle", model), seed=2, std=0.02), 8
     if (SHIPPED_DRAFTERS / "default").is_dir():
         shipped = selfspec.load_drafter("default", model)
         yield "default", shipped, "static"
@@ -54,10 +57,10 @@ def test_default_model_bf16_greedy_equals_hf(targets):
     """Bitwise: no "equal up to rounding" in bf16 either (exact verification)."""
     model, tokenizer = targets(torch.bfloat16)
     assert model.dtype == torch.bfloat16 and type(model).__name__ == "LlamaForCausalLM"
-    for prompt in PROMPTS:
+    for i, prompt in enumerate(PROMPTS):
         ids = encode(tokenizer, prompt)
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
-        for name, drafter, tree in [("none", None, None), *drafters(model)]:
+        for name, drafter, tree in [("none", None, None), *drafters(model, with_random=i < 2)]:
             out = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=64, tree=tree)
             assert torch.equal(out.sequences, ref), f"{name} ({tree}) differs from HF greedy on {prompt!r}"
 
