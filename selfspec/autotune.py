@@ -37,7 +37,7 @@ from selfspec.models import cache_dir
 from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
-VERSION = 3  # bump when the candidates or the cost model change: older cache entries are re-measured
+VERSION = 4  # bump when the candidates or the cost model change: older cache entries are re-measured
 
 
 def expected_tau(acceptance: torch.Tensor, budget: int) -> float:
@@ -99,10 +99,10 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
             tree_draft = draft()
             mask = TreeMask(tree_draft.tree.ancestor_mask, backend, verify == "exact") if tree_draft.tree.size > 1 else None
 
-            def verify(cache=cache, d=tree_draft, mask=mask):
+            def verify_tree(cache=cache, d=tree_draft, mask=mask):
                 target_forward(model, cache, d.tokens, d.tree.depths, mask, drafter.feature_layers)
 
-            out[n] = (_median_s(draft, repeats), _median_s(verify, repeats))
+            out[n] = (_median_s(draft, repeats), _median_s(verify_tree, repeats))
     return out
 
 

@@ -27,6 +27,7 @@ from selfspec.hf import (
     check_supported,
     new_store,
     VERIFY,
+    row_exact,
     selfspec_attention,
     target_forward,
 )
@@ -234,6 +235,8 @@ def generate(
     tree = resolve_tree(tree, drafter, model, verify)
     tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
     dec = Decoding(sampling, acceptance, logits_processor, sampling.make_generator(model.device), verify == "exact")
+    if verify == "exact" and drafter is not None:
+        row_exact(model)  # measures which linear shapes need row-exact GEMMs once per process, before the clock starts
     return _run(model, prompt, drafter, tree, max_new_tokens, _eos_set(model, eos_token_id), streamer, dec)
 
 

@@ -42,7 +42,8 @@ def test_slower_drafter_gets_a_hint(capsys, speedup, hinted):
 
     report = {"new_tokens": 64, "wall_s": 5.0, "tokens_per_s": 12.8, "tau": 1.5, "steps": 40, "drafter": "default",
               "hf_tokens_per_s": 12.0, "engine_tokens_per_s": 12.8 / speedup, "speedup_vs_hf": 1.0,
-              "speedup_vs_engine": speedup, "identical_to_hf": True, "tree_nodes": 12, "device": "cpu"}
+              "speedup_vs_engine": speedup, "identical_to_hf": True, "tree_nodes": 12, "device": "cpu",
+              "dtype": "bfloat16", "verify": "exact", "tree": "static"}
     print_summary(report)
     err = capsys.readouterr().err
     assert ("made decoding slower" in err and "--tree auto" in err) is hinted
@@ -129,3 +130,30 @@ def test_sampling_flags(capsys, tiny_checkpoint, tmp_path):
 def test_bad_decoding_flags(capsys, argv, message):
     code, _, err = run(capsys, "generate", "--prompt", "hi", *argv)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_auto_choosing_plain_decoding_says_so(capsys):
+    from selfspec.cli import print_summary
+
+    report = {"new_tokens": 64, "wall_s": 2.0, "tokens_per_s": 32.0, "tau": 1.0, "steps": 64, "drafter": "default",
+              "hf_tokens_per_s": 30.0, "engine_tokens_per_s": 31.0, "speedup_vs_hf": 1.07, "speedup_vs_engine": 1.03,
+              "identical_to_hf": True, "tree_nodes": 1, "device": "cpu", "dtype": "bfloat16", "verify": "exact",
+              "tree": "auto"}
+    print_summary(report)
+    err = capsys.readouterr().err
+    assert "decoded without drafting" in err and "bfloat16, exact verification" in err
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_dtype_flag_overrides_the_default(capsys, tiny_checkpoint, dtype, expected):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "fox", "--max-new-tokens",
+                         "6", "--drafter", "none", "--json", "--dtype", dtype, "--verify", "batched")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["dtype"] == expected and report["verify"] == "batched"
+
+
+def test_bad_verify_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--verify", "sloppy"])
+    assert e.value.code == 2 and "invalid choice: 'sloppy'" in capsys.readouterr().err

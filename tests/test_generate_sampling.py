@@ -157,7 +157,7 @@ def test_auto_tree_picks_plain_decoding_when_drafting_does_not_pay(tiny_models, 
     drafter = selfspec.new_drafter("eagle", model)
     # prior acceptance 0.6 at depth 1: a 2-node tree keeps 1.6 tokens a step; costing 2x a plain
     # step (draft + verify), it makes 0.8 tokens per plain step's time, so plain decoding wins
-    monkeypatch.setattr(autotune, "measure", lambda m, d, budgets: {1: (0.0, 1.0), 2: (1.0, 1.0)})
+    monkeypatch.setattr(autotune, "measure", lambda m, d, budgets, **k: {1: (0.0, 1.0), 2: (1.0, 1.0)})
     spec = autotune.auto_tree(model, drafter, budgets=(1, 2))
     assert isinstance(spec, TreeBuffers) and spec.size == 1
     monkeypatch.setattr(drafter, "propose", lambda *a, **k: pytest.fail("drafted with a root-only tree"))
@@ -173,9 +173,32 @@ def test_auto_tree_picks_a_tree_when_it_pays(tiny_models, tmp_path, monkeypatch)
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     model = tiny_models("llama")
     drafter = selfspec.new_drafter("eagle", model)
-    monkeypatch.setattr(autotune, "measure", lambda m, d, budgets: {n: (0.1, 1.0) if n > 1 else (0.0, 1.0) for n in budgets})
+    monkeypatch.setattr(autotune, "measure",
+                        lambda m, d, budgets, **k: {n: (0.1, 1.0) if n > 1 else (0.0, 1.0) for n in budgets})
     spec = autotune.auto_tree(model, drafter, budgets=(1, 4, 8))
     assert spec == DynamicTree.sized(8)  # same cost, more nodes, more tokens: the biggest wins
+
+
+@pytest.mark.parametrize("verify", ["exact", "batched"])
+def test_auto_times_every_budget_in_the_requested_verification(tiny_models, monkeypatch, verify):
+    from selfspec import autotune
+
+    seen = []
+    real = autotune.TreeMask
+    monkeypatch.setattr(autotune, "TreeMask", lambda anc, backend, exact: seen.append(exact) or real(anc, backend, exact))
+    model = tiny_models("llama")
+    autotune.measure(model, selfspec.new_drafter("eagle", model), budgets=(1, 2, 3, 6), repeats=1, verify=verify)
+    assert seen == [verify == "exact"] * 3  # one mask per drafting budget, each in the mode asked for
+
+
+def test_auto_reads_the_calibrated_acceptance(tiny_models):
+    from selfspec.autotune import drafter_acceptance
+
+    model = tiny_models("llama")
+    drafter = selfspec.new_drafter("eagle", model, acceptance=[[0.5, 0.2], [0.3, 0.1]])
+    assert drafter_acceptance(drafter, DynamicTree()).tolist() == [[0.5, 0.2], [0.3, 0.1]]
+    with pytest.raises(ValueError, match="acceptance must be"):
+        selfspec.new_drafter("eagle", model, acceptance=[[1.5]])
 
 
 def test_sized_dynamic_tree_drafts_no_more_than_it_keeps():

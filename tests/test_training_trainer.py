@@ -205,8 +205,11 @@ def test_calibration_installs_the_best_tree(target, sequences, tmp_path):
     cal = calibrate(t.drafter, target, sequences[:4], CalibrationConfig(tree_nodes=6, depth=3, top_k=4, batch_tokens=96))
     assert cal.acceptance.shape == (3, 4) and bool((cal.acceptance.sum(-1) <= 1 + 1e-9).all())
     assert len(cal.paths) == 5 and t.drafter.config.tree == cal.paths and t.drafter.tree.size == 6
+    # tree="auto" reads the measured acceptance from the saved config, not a prior
+    assert torch.tensor(t.drafter.config.acceptance).allclose(cal.acceptance, atol=1e-6)
     t.drafter.save_pretrained(tmp_path / "d")
-    assert selfspec.load_drafter(tmp_path / "d", target).tree.paths() == t.drafter.tree.paths()
+    loaded = selfspec.load_drafter(tmp_path / "d", target)
+    assert loaded.tree.paths() == t.drafter.tree.paths() and loaded.config.acceptance == t.drafter.config.acceptance
 
 
 @pytest.mark.parametrize("vocab", [0, 64])

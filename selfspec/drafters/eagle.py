@@ -235,7 +235,7 @@ class EagleDrafter(Drafter):
         for d in range(1, len(bounds) - 1):
             lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
             parents = tree.parents[lo:hi]
-            top = self.lm_head(feats[plo:lo]).topk(min(t, self.config.vocab_size), dim=-1).indices  # [n_{d-1}, k]
+            top = self.top_candidates(feats[plo:lo], t)[1]  # [n_{d-1}, t] token ids, best first
             tokens[lo:hi] = top[parents - plo, tree.ranks[lo:hi]]
             if hi < t:  # deeper nodes need these nodes' features
                 mask = torch.cat([tree.ancestor_mask.new_ones(hi - lo, state.length), tree.ancestor_mask[lo:hi, 1:hi]], 1)
@@ -296,9 +296,7 @@ class _DynamicExpander:
     def __call__(self, pool: DraftPool, frontier: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         if level > 0:
             self._forward(pool, frontier, level)
-        logprobs = self.d.lm_head(self.feats[frontier]).float().log_softmax(-1)  # [F, V]
-        top = logprobs.topk(self.spec.top_k, dim=-1)
-        return top.values, top.indices
+        return self.d.top_candidates(self.feats[frontier], self.spec.top_k)  # [F, K] each
 
     def _forward(self, pool: DraftPool, frontier: torch.Tensor, level: int) -> None:
         f, parents = frontier.numel(), pool.parents[frontier]
