@@ -206,7 +206,7 @@ def test_calibration_installs_the_best_tree(target, sequences, tmp_path):
     assert cal.acceptance.shape == (3, 4) and bool((cal.acceptance.sum(-1) <= 1 + 1e-9).all())
     assert len(cal.paths) == 5 and t.drafter.config.tree == cal.paths and t.drafter.tree.size == 6
     # tree="auto" reads the measured acceptance from the saved config, not a prior
-    assert torch.tensor(t.drafter.config.acceptance).allclose(cal.acceptance, atol=1e-6)
+    assert torch.tensor(t.drafter.config.acceptance, dtype=torch.float64).allclose(cal.acceptance, atol=1e-6)
     t.drafter.save_pretrained(tmp_path / "d")
     loaded = selfspec.load_drafter(tmp_path / "d", target)
     assert loaded.tree.paths() == t.drafter.tree.paths() and loaded.config.acceptance == t.drafter.config.acceptance
