@@ -145,6 +145,16 @@ def verify_cost(model, prefix: int, repeats: int, sizes=SIZES) -> dict:
             for mode in ("exact", "batched")}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def encode(tokenizer, prompt):
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True)["input_ids"]
@@ -205,7 +215,7 @@ def main() -> None:
     prompts = ["hello there", "the quick brown fox"] if args.smoke else questions(MT_BENCH, args.per_category)
     new_tokens = 8 if args.smoke else args.new_tokens
     record = {"benchmark": "cpu_fast_path", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
-              "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+              "cpu": cpu_name(), "threads": args.threads,
               "native_bf16": selfspec.models.cpu_has_native_bf16(), "torch": torch.__version__,
               "transformers": transformers.__version__, "selfspec": selfspec.__version__,
               "model": "tiny random Llama" if args.smoke else "default (SmolLM2-135M-Instruct)",

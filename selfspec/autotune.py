@@ -2,8 +2,10 @@
 
 A bigger tree accepts more tokens per step but costs more to draft and verify, and where the
 balance lies depends on the hardware (a GPU verifies 64 nodes for about the price of one; a CPU
-does not). For each candidate budget N we measure, once per model/drafter/device, the time of a
-verify forward over N nodes and of one dynamic drafting step, and take the expected accepted
+does not) and on the verification mode (exact verification pays a single-query attention per
+node on a CPU). For each candidate budget N we measure, once per model/drafter/device/dtype/
+mode, the time of a verify forward over N nodes and of one decode step's drafting (a catch-up
+over STEP_ROWS positions plus growing the tree), and take the expected accepted
 length from the drafter's measured acceptance (``config.acceptance`` [depth, top_k], written by
 calibration; a prior when the drafter was never calibrated):
 
@@ -37,7 +39,8 @@ from selfspec.models import cache_dir
 from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
-VERSION = 4  # bump when the candidates or the cost model change: older cache entries are re-measured
+VERSION = 5  # bump when the candidates or the cost model change: older cache entries are re-measured
+STEP_ROWS = 2  # positions a drafter catches up on per decode step (the kept path: tau ~ 2)
 
 
 def expected_tau(acceptance: torch.Tensor, budget: int) -> float:
@@ -92,11 +95,14 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
                 out[n] = (0.0, _median_s(lambda c=cache: target_forward(model, c, ids[-1:]), repeats))
                 continue
 
-            def draft(first=first, spec=spec):
-                state = drafter.begin(prefix + spec.pool_size + 1)
-                return drafter.propose(state, first.hidden, ids.roll(-1), spec)
+            # The drafter catches up on the prefix once, as after a prefill; each timed call is
+            # then a decode step's proposal: a catch-up over STEP_ROWS new positions + the tree.
+            state = drafter.begin(prefix + (repeats + 2) * (STEP_ROWS + spec.pool_size) + 1)
+            tree_draft = drafter.propose(state, first.hidden, ids.roll(-1), spec)
 
-            tree_draft = draft()
+            def draft(first=first, spec=spec, state=state):
+                return drafter.propose(state, first.hidden[-STEP_ROWS:], ids[-STEP_ROWS:], spec)
+
             mask = TreeMask(tree_draft.tree.ancestor_mask, backend, verify == "exact") if tree_draft.tree.size > 1 else None
 
             def verify_tree(cache=cache, d=tree_draft, mask=mask):
