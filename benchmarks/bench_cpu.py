@@ -36,20 +36,10 @@ from selfspec.models import SHIPPED_DRAFTERS
 from selfspec.tree import prior_acceptance, tree_from_acceptance
 
 ROOT = Path(__file__).resolve().parents[1]
-MT_BENCH = ROOT.parent / "shared" / "data" / "eval" / "mt_bench.jsonl"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from prompts import MT_BENCH, questions  # the prompt set vllm_cpu/run.py shares (stdlib only)
+
 SIZES = (1, 2, 3, 4, 8, 16, 32, 64)
-
-
-def questions(path: Path, per_category: int) -> list[str]:
-    """First turns, the first ``per_category`` questions of each category, in file order."""
-    taken: dict[str, int] = {}
-    out = []
-    for line in path.read_text().splitlines():
-        q = json.loads(line)
-        if taken.get(q["category"], 0) < per_category:
-            taken[q["category"]] = taken.get(q["category"], 0) + 1
-            out.append(q["turns"][0])
-    return out
 
 
 def methods(model, drafter) -> dict:
@@ -109,11 +99,11 @@ def decode(model, tokenizer, drafter, prompts, new_tokens, only=None) -> dict:
                      "per_prompt_ratio_min": min(r["ratios"]), "per_prompt_ratio_max": max(r["ratios"]),
                      "identical_to_hf": f"{r['identical']}/{len(prompts)}", "tree_nodes": r["tree_nodes"]}
         if r["steps"]:
-            step_ms = lambda s: 1e3 * s / r["steps"]  # noqa: E731
-            out[name] |= {"tau": r["produced"] / r["steps"], "step_ms": step_ms(r["seconds"]),
-                          "draft_ms": step_ms(r["draft_s"]), "verify_ms": step_ms(r["verify_s"]),
-                          "accept_commit_ms": step_ms(r["accept_s"]),
-                          "other_ms": step_ms(r["seconds"] - r["draft_s"] - r["verify_s"] - r["accept_s"])}
+            per_step = 1e3 / r["steps"]  # ms per step per second of total
+            out[name] |= {"tau": r["produced"] / r["steps"], "step_ms": per_step * r["seconds"],
+                          "draft_ms": per_step * r["draft_s"], "verify_ms": per_step * r["verify_s"],
+                          "accept_commit_ms": per_step * r["accept_s"],
+                          "other_ms": per_step * (r["seconds"] - r["draft_s"] - r["verify_s"] - r["accept_s"])}
     return out
 
 
@@ -131,7 +121,7 @@ def verify_cost(model, prefix: int, repeats: int, sizes=SIZES) -> dict:
         target_forward(model, cache, ids)
         cache.store.commit(torch.arange(prefix))
         for rep in range(repeats + 1):
-            for (t, mode) in times:
+            for t, mode in list(times):
                 tree = tree_from_acceptance(prior, t)
                 tokens = torch.randint(0, vocab, (t,), generator=g)
                 start = time.perf_counter()

@@ -21,12 +21,12 @@ from transformers import PreTrainedModel
 from selfspec.accept import Acceptance, greedy_accept, sample_accept, typical_accept
 from selfspec.drafters import Draft, Drafter
 from selfspec.hf import (
+    VERIFY,
     StoreCache,
     TreeMask,
     attention_backend,
     check_supported,
     new_store,
-    VERIFY,
     row_exact,
     selfspec_attention,
     target_forward,

@@ -9,21 +9,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # both cores of the dev machine
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
-
-
-def questions(path: Path, per_category: int) -> list[str]:
-    taken, out = {}, []
-    for line in path.read_text().splitlines():
-        q = json.loads(line)
-        if taken.get(q["category"], 0) < per_category:
-            taken[q["category"]] = taken.get(q["category"], 0) + 1
-            out.append(q["turns"][0])
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prompts import MT_BENCH, questions  # the same prompts as bench_cpu.py
 
 
 def main():
@@ -31,7 +24,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True, help="the default model's checkpoint directory ($SELFSPEC_CACHE/models/...)")
-    ap.add_argument("--questions", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/eval/mt_bench.jsonl")
+    ap.add_argument("--questions", type=Path, default=MT_BENCH)
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
