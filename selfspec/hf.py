@@ -70,6 +70,7 @@ class TreeMask:
     _depths: torch.Tensor | None = field(default=None, repr=False)  # [T] int64
     _max_depth: int | None = field(default=None, repr=False)
     _groups: list | None = field(default=None, repr=False)  # per depth: (nodes [n], key rows [n, d+1])
+    _node_keys: tuple | None = field(default=None, repr=False)  # (prefix, [(nodes, rows or None, width)])
 
     def dense(self, kv_len: int, window: int | None = None) -> torch.Tensor:
         """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors; with a
@@ -113,6 +114,23 @@ class TreeMask:
                 # A node's ancestors are its mask row's set bits; index order is depth order.
                 self._groups.append((nodes, self.ancestor_mask[nodes].nonzero()[:, 1].view(-1, d + 1)))
         return self._groups
+
+    def node_keys(self, prefix: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+        """Per depth, what each node attends to after ``prefix`` cached rows: ``(nodes [n], rows, width)``
+        with ``rows`` [n, prefix + width] the cache rows to gather (the prefix, then the ancestors
+        root first), or None when the depth's only node has tree rows 0..d as ancestors, so the
+        cache's first ``prefix + width`` rows are its keys in place. Built once per forward (every
+        layer reads the same), so the decode step does one host read per depth, not per layer."""
+        if self._node_keys is None or self._node_keys[0] != prefix:
+            out = []
+            for nodes, anc in self.groups():
+                n, width = anc.shape
+                in_place = n == 1 and int(anc[0, -1]) == width - 1
+                rows = None if in_place else torch.cat(
+                    [torch.arange(prefix, device=anc.device).expand(n, prefix), prefix + anc], 1)
+                out.append((nodes, rows, width))
+            self._node_keys = (prefix, out)
+        return self._node_keys[1]
 
     def bits(self) -> torch.Tensor:
         """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
@@ -237,12 +255,10 @@ def _per_node_attention(
     t, kv_len = query.shape[2], key.shape[2]
     prefix = kv_len - t
     out = query.new_empty(1, t, query.shape[1], query.shape[3])
-    for nodes, anc in tree.groups():
-        n, width = anc.shape
-        if n == 1 and int(anc[0, -1]) == width - 1:  # ancestors are tree rows 0..d: the cache is in order
+    for nodes, rows, width in tree.node_keys(prefix):
+        if rows is None:  # the cache is in order for this node
             k, v = key[:, :, : prefix + width], value[:, :, : prefix + width]
         else:
-            rows = torch.cat([torch.arange(prefix, device=anc.device).expand(n, prefix), prefix + anc], 1)
             k, v = key[0][:, rows].transpose(0, 1), value[0][:, rows].transpose(0, 1)  # [n, Hkv, P+d+1, D]
         q = query[0][:, nodes, None].transpose(0, 1)  # [n, Hq, 1, D]
         o, _ = sdpa_attention_forward(module, q, k, v, None, dropout, scale, **kwargs)  # [n, 1, Hq, D]

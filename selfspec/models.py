@@ -143,7 +143,8 @@ def load_target(
 
     ``name_or_path``: "default", a Hugging Face model id, a local checkpoint directory, or a
     ``.gguf`` file. ``dtype`` defaults to ``default_dtype(device)`` (bf16 on CUDA and on CPUs with
-    native bf16 dot products, fp32 on other CPUs); ``device`` to CUDA when available. Raises ValueError (before loading anything) for names that cannot be a model.
+    native bf16 dot products, fp32 on other CPUs); ``device`` to CUDA when available. Raises
+    ValueError (before loading anything) for names that cannot be a model or dtype names unknown.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):

@@ -81,8 +81,7 @@ class MedusaDrafter(Drafter):
         if tree.max_depth > len(self.heads):
             raise ValueError(f"tree depth {tree.max_depth} exceeds the {len(self.heads)} Medusa heads")
         depth = max(tree.max_depth, 1)
-        logits = self.lm_head(self.head_hidden(hidden[-1:])[0, :depth])  # [D, V]
-        top = logits.topk(min(tree.size, logits.shape[-1]), dim=-1).indices  # [D, k]
+        top = self.top_candidates(self.head_hidden(hidden[-1:])[0, :depth], tree.size)[1]  # [D, T] token ids
         tokens = top[(tree.depths - 1).clamp(min=0), tree.ranks.clamp(min=0)]  # [T]
         tokens[0] = next_tokens[-1]
         return Draft(tree=tree, tokens=tokens)
@@ -90,8 +89,6 @@ class MedusaDrafter(Drafter):
     def _propose_dynamic(self, hidden: torch.Tensor, next_tokens: torch.Tensor, spec: DynamicTree) -> Draft:
         """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a depth)."""
         depth = min(spec.depth, len(self.heads))
-        logprobs = self.lm_head(self.head_hidden(hidden[-1:])[0, :depth]).float().log_softmax(-1)  # [D, V]
-        top = logprobs.topk(spec.top_k, dim=-1)  # [D, K]
-        tree, tokens = grow_tree(next_tokens[-1], medusa_proposer(top.values, top.indices), depth, spec.expand,
-                                 spec.budget)
+        logprobs, ids = self.top_candidates(self.head_hidden(hidden[-1:])[0, :depth], spec.top_k)  # [D, K] each
+        tree, tokens = grow_tree(next_tokens[-1], medusa_proposer(logprobs, ids), depth, spec.expand, spec.budget)
         return Draft(tree=tree, tokens=tokens)
