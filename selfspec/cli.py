@@ -228,9 +228,12 @@ def print_summary(r: dict[str, Any]) -> None:
                   "benchmarks/README.md, 'CPU fast path'); --verify batched is cheaper but exact only up to "
                   "floating-point near-ties", file=sys.stderr)
         elif r["drafter"] != "none" and r["speedup_vs_engine"] < 1:
+            fix = ("--tree auto chose this size from timings cached in $SELFSPEC_CACHE/autotune.json; delete that "
+                   "file to time again, or pass" if r["tree"] == "auto" else
+                   "try --tree auto (measures this device and may decide not to draft) or")
             print(f"[selfspec] the drafter made decoding slower here: a verify step over {r['tree_nodes']} nodes "
-                  f"costs more on {r['device']} than the {r['tau']:.2f} tokens it keeps; try --tree auto (measures "
-                  "this device and may decide not to draft) or --drafter none", file=sys.stderr)
+                  f"costs more on {r['device']} than the {r['tau']:.2f} tokens it keeps; {fix} --drafter none",
+                  file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -157,3 +157,15 @@ def test_bad_verify_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--prompt", "hi", "--verify", "sloppy"])
     assert e.value.code == 2 and "invalid choice: 'sloppy'" in capsys.readouterr().err
+
+
+def test_slower_auto_tree_hint_does_not_suggest_auto(capsys):
+    from selfspec.cli import print_summary
+
+    report = {"new_tokens": 64, "wall_s": 5.0, "tokens_per_s": 12.8, "tau": 1.3, "steps": 50, "drafter": "default",
+              "hf_tokens_per_s": 20.0, "engine_tokens_per_s": 20.0, "speedup_vs_hf": 0.64, "speedup_vs_engine": 0.64,
+              "identical_to_hf": True, "tree_nodes": 3, "device": "cpu", "dtype": "bfloat16", "verify": "exact",
+              "tree": "auto"}
+    print_summary(report)
+    err = capsys.readouterr().err
+    assert "made decoding slower" in err and "autotune.json" in err and "try --tree auto" not in err
