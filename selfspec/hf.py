@@ -42,7 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from selfspec import kernels
 from selfspec.cache import KVStore, offset_causal_mask
-from selfspec.invariance import RowExactLinear, variant_linear_shapes
+from selfspec.invariance import linear_plans, row_exact_scope
 
 ATTENTION_NAME = "selfspec"
 BACKENDS = ("torch", "triton")
@@ -370,17 +370,18 @@ def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
     )
 
 
-_VARIANT_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((dtype, threads), shapes)
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((dtype, threads), plans)
 
 
 def row_exact(model: PreTrainedModel) -> contextlib.AbstractContextManager:
-    """A context in which the model's linear layers give every tree node its one-row result:
-    ``RowExactLinear`` over the weight shapes measured not row-invariant here (none: a no-op)."""
+    """A context in which the model's linear layers give every tree node its one-row result: the
+    layers measured not row-invariant here run through ``selfspec.invariance.row_exact_scope``
+    (none: a no-op). The plans are measured once per model, dtype and thread count."""
     key = (model.dtype, torch.get_num_threads())
-    entry = _VARIANT_SHAPES.get(model)
+    entry = _PLANS.get(model)
     if entry is None or entry[0] != key:
-        entry = _VARIANT_SHAPES[model] = (key, variant_linear_shapes(model))
-    return RowExactLinear(entry[1]) if entry[1] else contextlib.nullcontext()
+        entry = _PLANS[model] = (key, linear_plans(model))
+    return row_exact_scope(entry[1])
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,13 @@ What breaks the rule, measured on an AMD EPYC (Zen 5, AVX512_BF16), torch 2.13 +
   block sums in fp32, so 2-3 of every 16 rows differ from their one-row result in the last bit
   (the block sizes were identified by emulating both orders exactly in fp32). Shapes with
   K <= 1024 (q/k/v/o, gate/up, lm_head of the default model) are row-invariant at every row count
-  and thread count tried. No torch op gives bf16 products an fp32 result on CPU, so the only
-  exact way for a non-invariant shape is the one-row call itself, once per row.
+  and thread count tried. No torch op gives bf16 products an fp32 result on CPU, so a
+  non-invariant shape is computed by ``selfspec.kernels.cpu_linear.blocked_linear``, a small C
+  kernel that reduces every row in one fixed order (K-blocks of a given size, VDPBF16PS pair by
+  pair): the block size that reproduces this library's one-row call bitwise is found by the probe
+  below, at load time, on random inputs. Where the kernel cannot run (no AVX512_BF16, no C
+  compiler, fp32, or no block size matches) the shape falls back to the one-row call itself,
+  once per row, which is exact by construction but T times the work.
 - masked SDPA over a tree (see ``selfspec.hf``): handled there by attending per depth with no
   mask, each node over exactly its own keys.
 Norms, rotary, activations and residuals are per-row elementwise work and are covered by the
@@ -22,47 +27,80 @@ per-node property tests (tests/test_invariance.py) rather than assumed.
 
 Which linear shapes break the rule depends on the CPU, the library and the thread count, so it
 is measured, not listed: ``variant_linear_shapes`` probes every distinct weight shape of a model
-once per process (random inputs, several row counts, one-row calls as the reference) and
-``RowExactLinear`` computes only those shapes one row at a time during a verify forward. It is a
-``TorchFunctionMode``: the model's modules are not touched, and outside the ``with`` block
-nothing changes.
+once per process (random inputs, several row counts, one-row calls as the reference),
+``linear_plans`` decides for each such shape between the blocked kernel (with the measured block
+size) and one call per row, and ``row_exact_scope`` applies the plans during a verify forward:
+forward hooks on just those linear layers enter a ``TorchFunctionMode`` (``RowExactLinear``) for the
+duration of the layer's own forward. The model's modules and weights are not changed, the rest of
+the forward runs without a Python mode on the stack, and outside the ``with`` block nothing is
+registered.
 """
 
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from selfspec.kernels import cpu_linear
+
 PROBE_ROWS = (2, 3, 4, 8, 16, 32, 64)  # row counts a verify forward may use (tree sizes)
 PROBE_OUTPUTS = 8192  # outputs compared per row count at least: a K-blocking difference flips the
 # last bit of ~1 output in 1000 (measured: 2-3 of 16 rows of 576 outputs), so this finds it surely
+KERNEL_BLOCKS = (512, 256, 1024, 128, 2048, 4096)  # K-block sizes tried for the blocked kernel, likeliest first
 _PROBED: dict[tuple, bool] = {}  # (N, K, bias, dtype, device type, threads) -> row-invariant
+_BLOCKS: dict[tuple, int | None] = {}  # same key -> kernel block size reproducing one-row calls, or None
 
 
-def _probe(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> bool:
-    """True when ``linear`` with an [n, k] weight gives every row of a multi-row input exactly
-    its one-row result, at every row count in PROBE_ROWS."""
+def _probe_data(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device):
+    """A random weight, bias and, per probed row count, inputs with their one-row reference outputs."""
     g = torch.Generator().manual_seed(n * 7919 + k)
     w = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
     b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    cases = []
     for rows in PROBE_ROWS:
         for _ in range(-(-PROBE_OUTPUTS // (rows * n))):  # ceil: one trial for a vocabulary-wide read-out
             x = torch.randn(rows, k, generator=g).to(device, dtype)
-            one = torch.cat([F.linear(x[i : i + 1], w, b) for i in range(rows)])
-            if not torch.equal(F.linear(x, w, b), one):
-                return False
-    return True
+            cases.append((x, torch.cat([F.linear(x[i : i + 1], w, b) for i in range(rows)])))
+    return w, b, cases
+
+
+def _key(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> tuple:
+    return (n, k, bias, dtype, device.type, torch.get_num_threads())
 
 
 def row_invariant(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> bool:
-    """Cached per process, CPU library and thread count (the kernel choice depends on them)."""
-    key = (n, k, bias, dtype, device.type, torch.get_num_threads())
+    """True when ``linear`` with an [n, k] weight gives every row of a multi-row input exactly its
+    one-row result, at every row count in PROBE_ROWS. Cached per process, CPU library and thread
+    count (the kernel choice depends on them)."""
+    key = _key(n, k, bias, dtype, device)
     if key not in _PROBED:
         with torch.inference_mode():
-            _PROBED[key] = _probe(n, k, bias, dtype, device)
+            w, b, cases = _probe_data(n, k, bias, dtype, device)
+            _PROBED[key] = all(torch.equal(F.linear(x, w, b), one) for x, one in cases)
     return _PROBED[key]
+
+
+def kernel_block(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The K-block size with which ``cpu_linear.blocked_linear`` gives every probed row bitwise the
+    library's one-row result for this shape, or None (kernel unavailable, not bf16 on CPU, odd K, or
+    no block size of KERNEL_BLOCKS matches). Cached like ``row_invariant``."""
+    key = _key(n, k, bias, dtype, device)
+    if key not in _BLOCKS:
+        _BLOCKS[key] = None
+        if dtype == torch.bfloat16 and device.type == "cpu" and k % 2 == 0 and cpu_linear.available():
+            with torch.inference_mode():
+                w, b, cases = _probe_data(n, k, bias, dtype, device)
+                packed = cpu_linear.pack(w)
+                for block in dict.fromkeys(min(blk, k + k % 2) for blk in KERNEL_BLOCKS):
+                    if all(torch.equal(cpu_linear.blocked_linear(x, packed, n, block, b), one) for x, one in cases):
+                        _BLOCKS[key] = block
+                        break
+    return _BLOCKS[key]
 
 
 def variant_linear_shapes(model: nn.Module) -> frozenset[tuple[int, int]]:
@@ -78,22 +116,86 @@ def variant_linear_shapes(model: nn.Module) -> frozenset[tuple[int, int]]:
     return frozenset(out)
 
 
-class RowExactLinear(TorchFunctionMode):
-    """Inside the mode, ``F.linear`` over several rows with a weight of one of ``shapes`` is
-    computed one row at a time (the one-row call is the reference, so this is exact by
-    construction); every other call passes through unchanged."""
+def linear_plans(model: nn.Module) -> dict[nn.Linear, int | None]:
+    """For each linear layer of ``model`` that is not row-invariant here: the blocked kernel's block
+    size that reproduces its one-row calls, or None for one library call per row."""
+    plans = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
+            n, k = module.weight.shape
+            args = (int(n), int(k), module.bias is not None, module.weight.dtype, module.weight.device)
+            if not row_invariant(*args):
+                plans[module] = kernel_block(*args)
+    return plans
 
-    def __init__(self, shapes: frozenset[tuple[int, int]]):
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (weight, version, packed)
+
+
+def _packed(layer: nn.Linear) -> torch.Tensor:
+    """The kernel layout of the layer's weight, packed on first use and again after the weight is
+    replaced or changed in place (about the weight's size in memory while the layer lives)."""
+    w, entry = layer.weight, _PACKED.get(layer)
+    if entry is None or entry[0] is not w or entry[1] != w._version:
+        with torch.inference_mode():
+            entry = _PACKED[layer] = (w, w._version, cpu_linear.pack(w))
+    return entry[2]
+
+
+class RowExactLinear(TorchFunctionMode):
+    """Inside the mode, ``F.linear`` over several rows with the weight of one of the ``plans``'
+    layers gives every row its one-row result: through the blocked kernel with the planned block
+    size, or one call per row where the plan is None. Every other call passes through unchanged."""
+
+    def __init__(self, plans: dict[nn.Linear, int | None]):
         super().__init__()
-        self.shapes = shapes
+        # Keyed by identity (a tensor's == is elementwise); the layers hold their weights alive.
+        self._by_weight = {id(m.weight): (m.weight, block, m) for m, block in plans.items()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and self.shapes:
+        if func is F.linear:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if tuple(w.shape) in self.shapes and x.numel() > x.shape[-1]:
+            planned = self._by_weight.get(id(w))
+            if planned is not None and planned[0] is w and x.numel() > x.shape[-1]:
+                block = planned[1]
+                if block is not None and x.dtype == torch.bfloat16:
+                    return cpu_linear.blocked_linear(x, _packed(planned[2]), w.shape[0], block, b)
                 rows = x.reshape(-1, x.shape[-1])
                 out = torch.cat([F.linear(rows[i : i + 1], w, b) for i in range(rows.shape[0])])
                 return out.view(*x.shape[:-1], w.shape[0])
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def row_exact_scope(plans: dict[nn.Linear, int | None]):
+    """While open, each planned linear layer computes its forward inside ``RowExactLinear`` (entered
+    by a forward pre-hook, left by a forward hook), so only those layers pay for a Python mode.
+    Hooks are removed, and a mode left open by an exception is closed, on the way out."""
+    if not plans:
+        yield
+        return
+    mode = RowExactLinear(plans)
+    depth = [0]
+
+    def enter(module, args):
+        mode.__enter__()
+        depth[0] += 1
+
+    def leave(module, args, output):
+        depth[0] -= 1
+        mode.__exit__(None, None, None)
+
+    handles = []
+    try:
+        for module in plans:
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while depth[0] > 0:
+            depth[0] -= 1
+            mode.__exit__(None, None, None)

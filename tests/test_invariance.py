@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from selfspec.invariance import RowExactLinear, row_invariant, variant_linear_shapes
+from selfspec.invariance import kernel_block, row_exact_scope, row_invariant, variant_linear_shapes
+from selfspec.kernels import cpu_linear
 from selfspec.tree import build_tree, chain, tree_from_parents
 from tests.conftest import node_mismatches
 
@@ -68,25 +69,99 @@ def test_fp64_exact_and_batched_agree_on_tokens(tiny_models, arch):
     assert node_mismatches(model, prompt, tree, tokens) == []
 
 
+def _plans_for(layer, dtype):
+    """The plans row_exact would use for ``layer``: the kernel's measured block, or None."""
+    n, k = layer.weight.shape
+    block = kernel_block(n, k, layer.bias is not None, dtype, layer.weight.device)
+    return [None] + ([block] if block is not None else [])
+
+
 @pytest.mark.parametrize("rows", [2, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_row_exact_linear_gives_each_row_its_one_row_result(rows, dtype):
-    g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(96, 1536, generator=g) * 0.03).to(dtype)
-    b = torch.randn(96, generator=g).to(dtype)
+    """Both ways of computing a planned layer (one call per row; the blocked kernel with the block
+    size the probe measured, where it runs) give every row its one-row result, on inputs other
+    than the probe's."""
+    g = torch.Generator().manual_seed(100 + rows)
+    layer = torch.nn.Linear(1536, 96).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 1536, generator=g) * 0.03)
+        layer.bias.copy_(torch.randn(96, generator=g))
+    w, b = layer.weight, layer.bias
     x = torch.randn(rows, 1536, generator=g).to(dtype)
     one = torch.cat([F.linear(x[i : i + 1], w, b) for i in range(rows)])
-    with RowExactLinear(frozenset({(96, 1536)})):
-        out = F.linear(x, w, b)
-        out3 = F.linear(x.view(1, rows, 1536), w, b)  # [B, T, K] as decoder layers pass it
-    assert torch.equal(out, one) and torch.equal(out3[0], one)
+    for block in _plans_for(layer, dtype):
+        with torch.no_grad(), row_exact_scope({layer: block}):
+            out = layer(x)
+            out3 = layer(x.view(1, rows, 1536))  # [B, T, K] as decoder layers pass it
+        assert torch.equal(out, one) and torch.equal(out3[0], one), f"block={block}"
 
 
-def test_row_exact_linear_leaves_other_shapes_and_ops_alone():
-    x, w = torch.randn(4, 8), torch.randn(3, 8)
-    with RowExactLinear(frozenset({(5, 8)})):
-        assert torch.equal(F.linear(x, w), x @ w.T) or torch.allclose(F.linear(x, w), x @ w.T)
-        assert torch.equal(torch.relu(x), x.clamp(min=0))
+def test_the_kernel_is_used_where_the_probe_found_its_block():
+    """On a CPU with AVX512_BF16 and a compiler, a bf16 shape that is not row-invariant gets a
+    block size (else verification would fall back to T library calls per layer)."""
+    if not cpu_linear.available():
+        pytest.skip(f"blocked CPU linear unavailable here: {cpu_linear.unavailable_reason()}")
+    n, k, cpu = 576, 1536, torch.device("cpu")
+    if row_invariant(n, k, False, torch.bfloat16, cpu):
+        pytest.skip("this shape is row-invariant with this library and thread count; nothing to replace")
+    assert kernel_block(n, k, False, torch.bfloat16, cpu) is not None
+
+
+def test_row_exact_scope_leaves_other_layers_and_ops_alone_and_cleans_up():
+    planned, other = torch.nn.Linear(8, 5), torch.nn.Linear(8, 3)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        expected = other(x)
+        with row_exact_scope({planned: None}):
+            assert torch.equal(other(x), expected)
+            assert torch.equal(torch.relu(x), x.clamp(min=0))
+            planned(x)
+        assert not planned._forward_pre_hooks and not planned._forward_hooks
+        # An exception inside the planned layer leaves no mode on the stack and no hook behind.
+        with pytest.raises(RuntimeError), row_exact_scope({planned: None}):
+            planned(torch.randn(4, 7))
+        assert not planned._forward_pre_hooks and not planned._forward_hooks
+        assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_blocked_kernel_follows_its_stated_order():
+    """The C kernel against an fp32 emulation of the order its source states (K-blocks from zero,
+    per pair the odd product added first, block sums left to right, bias, one rounding): the
+    kernel's own semantics, independent of any library."""
+    if not cpu_linear.available():
+        pytest.skip(f"blocked CPU linear unavailable here: {cpu_linear.unavailable_reason()}")
+    g = torch.Generator().manual_seed(7)
+    n, k, rows = 37, 40, 5  # N not a multiple of 16, K not a multiple of the block
+    w = (torch.randn(n, k, generator=g) * 0.3).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    packed = cpu_linear.pack(w)
+    for block in (4, 16, 40):
+        xf, wf = x.float(), w.float()
+        total = None
+        for lo in range(0, k, block):
+            acc = torch.zeros(rows, n)
+            for p in range(lo, min(k, lo + block), 2):
+                acc = acc + xf[:, p + 1, None] * wf[None, :, p + 1]  # bf16 products are exact in fp32
+                acc = acc + xf[:, p, None] * wf[None, :, p]
+            total = acc if total is None else total + acc
+        expected = (total + b.float()).bfloat16()
+        assert torch.equal(cpu_linear.blocked_linear(x, packed, n, block, b), expected), f"block={block}"
+
+
+def test_blocked_kernel_refuses_bad_input():
+    if not cpu_linear.available():
+        pytest.skip(f"blocked CPU linear unavailable here: {cpu_linear.unavailable_reason()}")
+    with pytest.raises(ValueError, match="even K"):
+        cpu_linear.pack(torch.randn(4, 5).bfloat16())
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_linear.pack(torch.randn(4, 6))
+    packed = cpu_linear.pack(torch.randn(4, 6).bfloat16())
+    with pytest.raises(ValueError, match="block"):
+        cpu_linear.blocked_linear(torch.randn(2, 6).bfloat16(), packed, 4, 3)
+    with pytest.raises(ValueError, match="packed weight's K"):
+        cpu_linear.blocked_linear(torch.randn(2, 8).bfloat16(), packed, 4, 4)
 
 
 def test_probe_is_cached_and_the_shape_set_matches_it(tiny_models):

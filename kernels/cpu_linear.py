@@ -1,0 +1,134 @@
+"""A CPU linear whose every row is reduced in one fixed order, whatever the number of rows.
+
+Why: a library GEMM (oneDNN here) may block the reduction over K differently for one row than for
+several, so a tree verify forward over T rows can differ in the last bit from the one-token steps
+plain decoding makes (see ``selfspec.invariance``). ``blocked_linear`` computes ``x @ w.T`` in bf16
+with VDPBF16PS, each output the left-to-right fp32 sum of K-blocks of ``block`` elements, each
+block accumulated from zero pair by pair (``cpu/blocked_linear_bf16.c`` states the order exactly).
+With the block size a library uses for one row, every row of a many-row call is bitwise that
+library's one-row result; the caller measures which block size that is (it is not assumed here).
+
+The C source has no torch headers: it is compiled once with the system C compiler into
+``$SELFSPEC_CACHE/kernels`` (about a second; the file name carries a hash of the source and the
+flags, and the write is atomic) and called through ctypes. ``available()`` is False, with the
+reason in ``unavailable_reason()``, where the CPU lacks AVX512_BF16 or no compiler works; callers
+then fall back to one library call per row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "cpu" / "blocked_linear_bf16.c"
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
+_LIB: ctypes.CDLL | None = None
+_REASON: str | None = None  # why the kernel is unavailable, once known
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SELFSPEC_CACHE") or Path.home() / ".cache" / "selfspec") / "kernels"
+
+
+def _compile() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"blocked_linear_bf16-{digest}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, out)  # atomic: a killed build never leaves a half-written library behind
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.packed_elements.argtypes, lib.packed_elements.restype = [i64, i64], i64
+    lib.pack_weight.argtypes, lib.pack_weight.restype = [ptr, ptr, i64, i64], None
+    lib.blocked_linear.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.blocked_linear.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True when the kernel can run here (AVX512_BF16 CPU, a working C compiler); builds it once."""
+    global _LIB, _REASON
+    if _LIB is not None:
+        return True
+    if _REASON is not None:
+        return False
+    if os.environ.get("SELFSPEC_CPU_KERNELS", "1").strip() == "0":
+        _REASON = "SELFSPEC_CPU_KERNELS=0"
+    elif not _cpu_has_avx512_bf16():
+        _REASON = "this CPU has no AVX512_BF16 instructions"
+    else:
+        try:
+            _LIB = _compile()
+        except (OSError, RuntimeError) as err:
+            _REASON = str(err)
+    return _LIB is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None when it is True or was not asked yet)."""
+    return None if _LIB is not None else _REASON
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] bf16 (K even) in the kernel's layout: a flat bf16 tensor (about the
+    weight's size, outputs padded to a multiple of 64)."""
+    if not available():
+        raise RuntimeError(f"the blocked CPU linear is unavailable: {_REASON}")
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] % 2 or weight.device.type != "cpu":
+        raise ValueError(f"pack takes a 2-D bf16 CPU weight with an even K, got {weight.dtype} {tuple(weight.shape)} "
+                         f"on {weight.device}")
+    w = weight.detach().contiguous()
+    n, k = w.shape
+    out = torch.empty(_LIB.packed_elements(n, k), dtype=torch.bfloat16)
+    _LIB.pack_weight(w.data_ptr(), out.data_ptr(), n, k)
+    return out
+
+
+def blocked_linear(x: torch.Tensor, packed: torch.Tensor, n: int, block: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T + bias`` for ``x`` [..., K] bf16 and ``packed = pack(w)`` with ``w`` [n, K]; K-blocks
+    of ``block`` elements (even), each row in the same order; returns [..., n] bf16."""
+    k = x.shape[-1]
+    if x.dtype != torch.bfloat16 or block <= 0 or block % 2 or packed.numel() != _LIB.packed_elements(n, k):
+        raise ValueError(f"blocked_linear: x must be bf16 with the packed weight's K and block even and positive "
+                         f"(x {x.dtype} {tuple(x.shape)}, n={n}, block={block})")
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if bias is not None:
+        bias = bias.detach().to(torch.bfloat16).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    _LIB.blocked_linear(rows.data_ptr(), rows.stride(0), packed.data_ptr(),
+                        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows.shape[0], n, k, block)
+    return y.view(*x.shape[:-1], n)
