@@ -117,18 +117,16 @@ class TreeMask:
 
     def node_keys(self, prefix: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
         """Per depth, what each node attends to after ``prefix`` cached rows: ``(nodes [n], rows, width)``
-        with ``rows`` [n, prefix + width] the cache rows to gather (the prefix, then the ancestors
-        root first), or None when the depth's only node has tree rows 0..d as ancestors, so the
-        cache's first ``prefix + width`` rows are its keys in place. Built once per forward (every
-        layer reads the same), so the decode step does one host read per depth, not per layer."""
+        with ``rows`` [n, width] the cache rows of its ancestors (root first) that follow the
+        prefix, or None when the depth's only node has tree rows 0..d as ancestors, so the cache's
+        first ``prefix + width`` rows are its keys in place. Built once per forward (every layer
+        reads the same), so the decode step does one host read per depth, not per layer."""
         if self._node_keys is None or self._node_keys[0] != prefix:
             out = []
             for nodes, anc in self.groups():
                 n, width = anc.shape
                 in_place = n == 1 and int(anc[0, -1]) == width - 1
-                rows = None if in_place else torch.cat(
-                    [torch.arange(prefix, device=anc.device).expand(n, prefix), prefix + anc], 1)
-                out.append((nodes, rows, width))
+                out.append((nodes, None if in_place else prefix + anc, width))
             self._node_keys = (prefix, out)
         return self._node_keys[1]
 
@@ -248,8 +246,9 @@ def _per_node_attention(
     of single-query problems, node i attending to exactly its own P + d + 1 keys (the prefix, then
     its ancestors in depth order), which is the call plain decoding makes at that position. A
     masked call over all T queries reduces over other key counts and blocks and differs in the
-    last bit. The cost is a copy of the prefix's K/V per node that is not on the tree's first
-    chain; returns ``[1, T, Hq, D]``."""
+    last bit. The cost: a copy of the prefix's K/V per node that is not on the tree's first chain,
+    and the attention kernel's work per node (each node reads its whole prefix, where a masked
+    call reads it once for all); returns ``[1, T, Hq, D]``."""
     if query.shape[0] != 1:
         raise ValueError("tree verification decodes one sequence per call (batch 1)")
     t, kv_len = query.shape[2], key.shape[2]
@@ -258,8 +257,10 @@ def _per_node_attention(
     for nodes, rows, width in tree.node_keys(prefix):
         if rows is None:  # the cache is in order for this node
             k, v = key[:, :, : prefix + width], value[:, :, : prefix + width]
-        else:
-            k, v = key[0][:, rows].transpose(0, 1), value[0][:, rows].transpose(0, 1)  # [n, Hkv, P+d+1, D]
+        else:  # [n, Hkv, P+d+1, D]: the shared prefix, then each node's ancestors (a copy per node)
+            n = rows.shape[0]
+            k = torch.cat([key[:, :, :prefix].expand(n, -1, -1, -1), key[0][:, rows].transpose(0, 1)], 2)
+            v = torch.cat([value[:, :, :prefix].expand(n, -1, -1, -1), value[0][:, rows].transpose(0, 1)], 2)
         q = query[0][:, nodes, None].transpose(0, 1)  # [n, Hq, 1, D]
         o, _ = sdpa_attention_forward(module, q, k, v, None, dropout, scale, **kwargs)  # [n, 1, Hq, D]
         out[0, nodes] = o[:, 0]
