@@ -48,7 +48,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     add_decoding_args(p, tree_default="auto")
     p.add_argument("--compare", action="store_true",
                    help="also run Hugging Face generate and the engine without a drafter on the same "
-                        "prompt, check the outputs are identical, and print the speedup")
+                        "prompt, check the outputs are identical, and print the speedup (medians of "
+                        "--compare-rounds interleaved runs of each, none of them streamed)")
+    p.add_argument("--compare-rounds", type=int, default=3,
+                   help="with --compare: timed rounds, each running HF generate, selfspec and the engine "
+                        "without drafter once, in rotating order (default: %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, new_tokens, tau, tokens_per_s, wall_s, ...) instead of streaming text")
     p.set_defaults(run=run_generate, check=check_generate)
@@ -103,6 +107,8 @@ def check_generate(args: argparse.Namespace) -> None:
     args.decoding = decoding_kwargs(args)
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.compare_rounds <= 0:
+        raise UsageError(f"--compare-rounds must be a positive integer, got {args.compare_rounds}")
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             raise UsageError(f"--prompt-file {args.prompt_file} does not exist")
@@ -184,7 +190,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "tree_nodes": s.tree_nodes, "dtype": str(model.dtype).removeprefix("torch."), "verify": args.verify,
     }
     if args.compare:
-        report.update(compare(model, ids, args.max_new_tokens, result, torch, sampled=args.temperature > 0))
+        report.update(compare(model, ids, args.max_new_tokens, result, torch, sampled=args.temperature > 0,
+                              drafter=drafter, decoding=args.decoding, rounds=args.compare_rounds))
     if args.json:
         print(json.dumps(report))
     else:
@@ -192,23 +199,47 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any, sampled: bool = False) -> dict[str, Any]:
-    """HF greedy generate and the drafter-less engine on the same prompt, for the speedup line
-    (identity with HF is only meaningful for greedy runs)."""
+def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any, sampled: bool = False,
+            drafter: Any = None, decoding: dict | None = None, rounds: int = 3) -> dict[str, Any]:
+    """HF greedy generate, selfspec (as configured) and the drafter-less engine on the same prompt,
+    ``rounds`` times each in rotating order (this CPU's speed drifts by 10-20% between runs, so one
+    run each is not a measurement); the speedups are ratios of median tokens/s. Identity with HF
+    (only meaningful for greedy runs) must hold for every selfspec run, the streamed one included."""
+    import statistics
+
     import selfspec
 
-    start = time.perf_counter()
-    ref = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                         attention_mask=torch.ones_like(ids).to(model.device))
-    hf_s = time.perf_counter() - start
-    plain = selfspec.generate(model, ids, drafter=None, max_new_tokens=max_new_tokens)
-    hf_tps = (ref.shape[1] - ids.shape[1]) / hf_s
+    def hf():
+        start = time.perf_counter()
+        out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones_like(ids).to(model.device))
+        return out, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+    def ours():
+        res = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=max_new_tokens, **(decoding or {}))
+        return res.sequences, res.stats.tokens_per_s
+
+    def plain():
+        res = selfspec.generate(model, ids, drafter=None, max_new_tokens=max_new_tokens)
+        return res.sequences, res.stats.tokens_per_s
+
+    runs: dict[str, list] = {"hf": [], "selfspec": [], "engine": []}
+    methods = list(zip(runs, (hf, ours, plain)))
+    for r in range(rounds):
+        for name, fn in methods[r % 3:] + methods[: r % 3]:
+            runs[name].append(fn())
+    ref = runs["hf"][0][0].cpu()
+    speed = {name: statistics.median(tps for _, tps in out) for name, out in runs.items()}
+    identical = all(torch.equal(seq.cpu(), ref) for seq in [result.sequences] + [s for s, _ in runs["selfspec"]])
     return {
-        "hf_tokens_per_s": round(hf_tps, 3),
-        "engine_tokens_per_s": round(plain.stats.tokens_per_s, 3),
-        "speedup_vs_hf": round(result.stats.tokens_per_s / hf_tps, 3),
-        "speedup_vs_engine": round(result.stats.tokens_per_s / plain.stats.tokens_per_s, 3),
-        "identical_to_hf": None if sampled else bool(torch.equal(result.sequences.cpu(), ref.cpu())),
+        "hf_tokens_per_s": round(speed["hf"], 3),
+        "engine_tokens_per_s": round(speed["engine"], 3),
+        "selfspec_tokens_per_s_median": round(speed["selfspec"], 3),
+        "compare_rounds": rounds,
+        "speedup_vs_hf": round(speed["selfspec"] / speed["hf"], 3),
+        "speedup_vs_engine": round(speed["selfspec"] / speed["engine"], 3),
+        "speedup_vs_hf_per_round": [round(o[1] / h[1], 3) for o, h in zip(runs["selfspec"], runs["hf"])],
+        "identical_to_hf": None if sampled else bool(identical),
     }
 
 
@@ -217,9 +248,12 @@ def print_summary(r: dict[str, Any]) -> None:
             f"tau {r['tau']:.2f} over {r['steps']} verify steps, drafter: {r['drafter']}")
     print(line, file=sys.stderr)
     if "speedup_vs_hf" in r:
-        print(f"[selfspec] {r['dtype']}, {r['verify']} verification; HF generate ({r['dtype']}) "
-              f"{r['hf_tokens_per_s']:.1f} tok/s, engine without drafter "
-              f"{r['engine_tokens_per_s']:.1f} tok/s -> speedup {r['speedup_vs_hf']:.2f}x vs HF, "
+        per_round = r.get("speedup_vs_hf_per_round") or []
+        spread = f" (rounds: {min(per_round):.2f}-{max(per_round):.2f}x)" if len(per_round) > 1 else ""
+        print(f"[selfspec] {r['dtype']}, {r['verify']} verification, median of {r.get('compare_rounds', 1)} "
+              f"interleaved runs each: selfspec {r.get('selfspec_tokens_per_s_median', r['tokens_per_s']):.1f} tok/s, "
+              f"HF generate ({r['dtype']}) {r['hf_tokens_per_s']:.1f} tok/s, engine without drafter "
+              f"{r['engine_tokens_per_s']:.1f} tok/s -> speedup {r['speedup_vs_hf']:.2f}x vs HF{spread}, "
               f"{r['speedup_vs_engine']:.2f}x vs no drafter; output identical to HF: {r['identical_to_hf']}",
               file=sys.stderr)
         if r["drafter"] != "none" and r["tree"] == "auto" and r["tree_nodes"] == 1:
