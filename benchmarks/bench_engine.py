@@ -130,7 +130,7 @@ def verify_cost(model, sizes, prefix_len, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=5, help="prompts to decode (max %d)" % len(PROMPTS))
+    ap.add_argument("--prompts", type=int, default=5, help=f"prompts to decode (max {len(PROMPTS)})")
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt")
     ap.add_argument("--repeats", type=int, default=3, help="repeats per prompt (medians over all runs)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (fixed for every method)")

@@ -50,7 +50,7 @@ def test_slower_drafter_gets_a_hint(capsys, speedup, hinted):
 
 
 def test_generate_streams_text(capsys, tiny_checkpoint):
-    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "brown",
+    code, _out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "brown",
                          "--max-new-tokens", "8", "--drafter", "none")
     assert code == 0, err
     assert "[selfspec]" in err and "tok/s" in err
@@ -68,7 +68,7 @@ def test_generate_streams_text(capsys, tiny_checkpoint):
     ],
 )
 def test_bad_input_is_one_line_before_loading(capsys, argv, message):
-    code, out, err = run(capsys, "generate", *argv)
+    code, _out, err = run(capsys, "generate", *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("selfspec: error:") and message in err
 
@@ -101,7 +101,8 @@ def test_corrupt_drafter(capsys, tiny_checkpoint, tmp_path):
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--help"], capture_output=True, text=True,
+                         check=False)
     assert out.returncode == 0
     for flag in ("--prompt", "--prompt-file", "--model", "--drafter", "--max-new-tokens", "--json", "--compare",
                  "--no-chat-template", "--dtype", "--device"):

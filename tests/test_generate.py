@@ -152,7 +152,7 @@ def test_streamer_receives_prompt_then_tokens(tiny_models):
     drafter = randomized(selfspec.new_drafter("medusa", model), seed=11)
     out = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=20, eos_token_id=[], streamer=rec)
     assert rec.chunks[0] == ids[0].tolist() and rec.ended
-    assert sum(rec.chunks[1:], []) == out.sequences[0, 5:].tolist()
+    assert [t for chunk in rec.chunks[1:] for t in chunk] == out.sequences[0, 5:].tolist()
 
 
 def test_works_with_transformers_text_streamer(tiny_models, capsys):

@@ -65,7 +65,7 @@ def test_kept_prompts_and_reasons(target, tmp_path, monkeypatch):
     assert [c.start for c in calls] == [0, 3, 6]  # whole windows of 3, the last one too:
     assert len((tmp_path / "prompts.rank0.jsonl").read_text().splitlines()) == 9  # attempt 8 is kept for later
     assert [e.id for e in examples] == ["self:0", "self:1", "self:5", "self:6", "self:7"]
-    assert [e.messages for e in examples][0] == (("user", "how do plants grow"),)
+    assert examples[0].messages == (("user", "how do plants grow"),)
     assert report.rows == 8 and report.used == 5
     assert dict(report.skipped) == {"under 3 words": 1, "repeated": 1, "did not end the turn": 1}
 
