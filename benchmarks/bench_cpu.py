@@ -50,29 +50,53 @@ def methods(model, drafter) -> dict:
 
     def engine(tree, verify="exact", use_drafter=True):
         def run(ids, n):
-            res = selfspec.generate(model, ids, drafter=drafter if use_drafter else None, max_new_tokens=n,
-                                    tree=tree, verify=verify)
+            res = selfspec.generate(
+                model,
+                ids,
+                drafter=drafter if use_drafter else None,
+                max_new_tokens=n,
+                tree=tree,
+                verify=verify,
+            )
             return res.sequences, res.stats.wall_s, res.stats
+
         return run
 
     out = {"hf": hf, "engine": engine(None, use_drafter=False)}
     if drafter is not None:
-        out |= {"static": engine("static"), "dynamic": engine("dynamic"), "auto": engine("auto"),
-                "static-batched": engine("static", "batched")}
+        out |= {
+            "static": engine("static"),
+            "dynamic": engine("dynamic"),
+            "auto": engine("auto"),
+            "static-batched": engine("static", "batched"),
+        }
     return out
 
 
 def decode(model, tokenizer, drafter, prompts, new_tokens, only=None) -> dict:
     table = {k: v for k, v in methods(model, drafter).items() if not only or k in only or k == "hf"}
     names = list(table)
-    rows = {n: {"tokens": 0, "seconds": 0.0, "ratios": [], "identical": 0, "steps": 0, "produced": 0,
-                "draft_s": 0.0, "verify_s": 0.0, "accept_s": 0.0, "tree_nodes": None} for n in names}
+    rows = {
+        n: {
+            "tokens": 0,
+            "seconds": 0.0,
+            "ratios": [],
+            "identical": 0,
+            "steps": 0,
+            "produced": 0,
+            "draft_s": 0.0,
+            "verify_s": 0.0,
+            "accept_s": 0.0,
+            "tree_nodes": None,
+        }
+        for n in names
+    }
     warm = encode(tokenizer, "Hello")
     for fn in table.values():  # warm-up (and tree="auto"'s one-off timing, cached)
         fn(warm, 8)
     for i, prompt in enumerate(prompts):
         ids = encode(tokenizer, prompt)
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         runs = {name: table[name](ids, new_tokens) for name in order}
         ref, hf_s = runs["hf"][0], runs["hf"][1]
         hf_tps = (ref.shape[1] - ids.shape[1]) / hf_s
@@ -94,16 +118,25 @@ def decode(model, tokenizer, drafter, prompts, new_tokens, only=None) -> dict:
     out = {}
     for name, r in rows.items():
         rate = r["tokens"] / r["seconds"]
-        out[name] = {"tokens_per_s": rate, "ratio_to_hf": rate / hf_rate,
-                     "per_prompt_ratio_median": statistics.median(r["ratios"]),
-                     "per_prompt_ratio_min": min(r["ratios"]), "per_prompt_ratio_max": max(r["ratios"]),
-                     "identical_to_hf": f"{r['identical']}/{len(prompts)}", "tree_nodes": r["tree_nodes"]}
+        out[name] = {
+            "tokens_per_s": rate,
+            "ratio_to_hf": rate / hf_rate,
+            "per_prompt_ratio_median": statistics.median(r["ratios"]),
+            "per_prompt_ratio_min": min(r["ratios"]),
+            "per_prompt_ratio_max": max(r["ratios"]),
+            "identical_to_hf": f"{r['identical']}/{len(prompts)}",
+            "tree_nodes": r["tree_nodes"],
+        }
         if r["steps"]:
             per_step = 1e3 / r["steps"]  # ms per step per second of total
-            out[name] |= {"tau": r["produced"] / r["steps"], "step_ms": per_step * r["seconds"],
-                          "draft_ms": per_step * r["draft_s"], "verify_ms": per_step * r["verify_s"],
-                          "accept_commit_ms": per_step * r["accept_s"],
-                          "other_ms": per_step * (r["seconds"] - r["draft_s"] - r["verify_s"] - r["accept_s"])}
+            out[name] |= {
+                "tau": r["produced"] / r["steps"],
+                "step_ms": per_step * r["seconds"],
+                "draft_ms": per_step * r["draft_s"],
+                "verify_ms": per_step * r["verify_s"],
+                "accept_commit_ms": per_step * r["accept_s"],
+                "other_ms": per_step * (r["seconds"] - r["draft_s"] - r["verify_s"] - r["accept_s"]),
+            }
     return out
 
 
@@ -130,9 +163,16 @@ def verify_cost(model, prefix: int, repeats: int, sizes=SIZES) -> dict:
                 if rep:  # the first round warms up
                     times[t, mode].append(time.perf_counter() - start)
     one = statistics.median(times[1, "exact"])
-    return {mode: {t: {"median_ms": 1e3 * statistics.median(times[t, mode]),
-                       "ratio_to_one_token": statistics.median(times[t, mode]) / one} for t in sizes}
-            for mode in ("exact", "batched")}
+    return {
+        mode: {
+            t: {
+                "median_ms": 1e3 * statistics.median(times[t, mode]),
+                "ratio_to_one_token": statistics.median(times[t, mode]) / one,
+            }
+            for t in sizes
+        }
+        for mode in ("exact", "batched")
+    }
 
 
 def cpu_name() -> str:
@@ -146,8 +186,12 @@ def cpu_name() -> str:
 
 
 def encode(tokenizer, prompt):
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
 
 
 def load(dtype: str, smoke: bool):
@@ -165,61 +209,96 @@ def load(dtype: str, smoke: bool):
 
 def print_tables(record: dict) -> None:
     for dtype, part in record["dtypes"].items():
-        print(f"\n### {dtype}: decode (greedy, {record['new_tokens']} new tokens, {record['prompts']} prompts)\n")
-        print("| method | tree nodes | tok/s | vs HF | per prompt vs HF (median, min-max) | tau | identical to HF |")
+        print(
+            f"\n### {dtype}: decode (greedy, {record['new_tokens']} new tokens, {record['prompts']} prompts)\n"
+        )
+        print(
+            "| method | tree nodes | tok/s | vs HF | per prompt vs HF (median, min-max) | tau | identical to HF |"
+        )
         print("|---|---|---|---|---|---|---|")
         for name, r in part["decode"].items():
             tau = f"{r['tau']:.2f}" if "tau" in r else "-"
-            print(f"| {name} | {r['tree_nodes'] or '-'} | {r['tokens_per_s']:.1f} | {r['ratio_to_hf']:.2f} | "
-                  f"{r['per_prompt_ratio_median']:.2f} ({r['per_prompt_ratio_min']:.2f}-"
-                  f"{r['per_prompt_ratio_max']:.2f}) | {tau} | {r['identical_to_hf']} |")
+            print(
+                f"| {name} | {r['tree_nodes'] or '-'} | {r['tokens_per_s']:.1f} | {r['ratio_to_hf']:.2f} | "
+                f"{r['per_prompt_ratio_median']:.2f} ({r['per_prompt_ratio_min']:.2f}-"
+                f"{r['per_prompt_ratio_max']:.2f}) | {tau} | {r['identical_to_hf']} |"
+            )
         print("\n| method | step ms | draft | verify | accept + commit | other |\n|---|---|---|---|---|---|")
         for name, r in part["decode"].items():
             if "step_ms" in r:
-                print(f"| {name} | {r['step_ms']:.1f} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | "
-                      f"{r['accept_commit_ms']:.2f} | {r['other_ms']:.2f} |")
+                print(
+                    f"| {name} | {r['step_ms']:.1f} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | "
+                    f"{r['accept_commit_ms']:.2f} | {r['other_ms']:.2f} |"
+                )
         print(f"\nverify cost, prefix {record['verify_prefix']} (ms, ratio to a one-token step):\n")
         sizes = list(part["verify"]["exact"])
         print("| mode | " + " | ".join(f"T={t}" for t in sizes) + " |\n|---|" + "---|" * len(sizes))
         for mode, row in part["verify"].items():
-            print(f"| {mode} | " + " | ".join(f"{r['median_ms']:.1f} ({r['ratio_to_one_token']:.2f}x)"
-                                              for r in row.values()) + " |")
+            print(
+                f"| {mode} | "
+                + " | ".join(f"{r['median_ms']:.1f} ({r['ratio_to_one_token']:.2f}x)" for r in row.values())
+                + " |"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="target dtypes, each measured alike")
-    ap.add_argument("--per-category", type=int, default=2, help="MT-bench first turns per category (8 categories)")
+    ap.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16", "float32"], help="target dtypes, each measured alike"
+    )
+    ap.add_argument(
+        "--per-category", type=int, default=2, help="MT-bench first turns per category (8 categories)"
+    )
     ap.add_argument("--new-tokens", type=int, default=256, help="new tokens per prompt")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, the same for every method")
     ap.add_argument("--verify-prefix", type=int, default=256, help="prefix length of the verify-cost part")
     ap.add_argument("--verify-repeats", type=int, default=7, help="repeats per tree size and mode")
     ap.add_argument("--skip-decode", nargs="*", default=[], help="dtypes whose decode part is skipped")
-    ap.add_argument("--methods", nargs="*", default=[],
-                    help="DTYPE:METHOD,METHOD... limits a dtype's decode methods (hf always runs), e.g. "
-                         "float32:engine,auto,static-batched (fp32 exact trees compute every linear row by row)")
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        default=[],
+        help="DTYPE:METHOD,METHOD... limits a dtype's decode methods (hf always runs), e.g. "
+        "float32:engine,auto,static-batched (fp32 exact trees compute every linear row by row)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 prompts, 8 tokens (tests)")
     ap.add_argument("--out", type=Path, help="JSON record (default: benchmarks/results/cpu_fast_path.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prompts = ["hello there", "the quick brown fox"] if args.smoke else questions(MT_BENCH, args.per_category)
     new_tokens = 8 if args.smoke else args.new_tokens
-    record = {"benchmark": "cpu_fast_path", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
-              "cpu": cpu_name(), "threads": args.threads,
-              "native_bf16": selfspec.models.cpu_has_native_bf16(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "selfspec": selfspec.__version__,
-              "model": "tiny random Llama" if args.smoke else "default (SmolLM2-135M-Instruct)",
-              "prompts": len(prompts), "new_tokens": new_tokens, "verify_prefix": args.verify_prefix, "dtypes": {}}
+    record = {
+        "benchmark": "cpu_fast_path",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "native_bf16": selfspec.models.cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "selfspec": selfspec.__version__,
+        "model": "tiny random Llama" if args.smoke else "default (SmolLM2-135M-Instruct)",
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "verify_prefix": args.verify_prefix,
+        "dtypes": {},
+    }
     for dtype in args.dtypes:
         model, tokenizer, drafter = load(dtype, args.smoke)
         part = {}
-        only = [m for spec in args.methods if spec.startswith(dtype + ":") for m in spec.split(":", 1)[1].split(",")]
+        only = [
+            m
+            for spec in args.methods
+            if spec.startswith(dtype + ":")
+            for m in spec.split(":", 1)[1].split(",")
+        ]
         if dtype not in args.skip_decode:
             part["decode"] = decode(model, tokenizer, drafter, prompts, new_tokens, only)
         prefix = 16 if args.smoke else args.verify_prefix
         record["verify_prefix"] = prefix
-        part["verify"] = verify_cost(model, prefix, 1 if args.smoke else args.verify_repeats,
-                                     (1, 2, 4) if args.smoke else SIZES)
+        part["verify"] = verify_cost(
+            model, prefix, 1 if args.smoke else args.verify_repeats, (1, 2, 4) if args.smoke else SIZES
+        )
         record["dtypes"][dtype] = part
     out = args.out or (None if args.smoke else ROOT / "benchmarks" / "results" / "cpu_fast_path.json")
     if out is not None:

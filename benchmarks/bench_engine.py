@@ -42,8 +42,12 @@ PROMPTS = [
 
 
 def encode(tokenizer, prompt):
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
 
 
 def time_hf(model, ids, n):
@@ -56,6 +60,7 @@ def time_engine(drafter):
     def run(model, ids, n):
         res = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=n)
         return res.stats.tokens_per_s, res.sequences, res.stats.mean_accepted_length
+
     return run
 
 
@@ -123,8 +128,12 @@ def verify_cost(model, sizes, prefix_len, repeats):
     base = statistics.median(times[1])
     for t in sizes:
         med = statistics.median(times[t])
-        result[t] = {"median_ms": med * 1e3, "min_ms": min(times[t]) * 1e3, "max_ms": max(times[t]) * 1e3,
-                     "ratio_to_one_token": med / base}
+        result[t] = {
+            "median_ms": med * 1e3,
+            "min_ms": min(times[t]) * 1e3,
+            "max_ms": max(times[t]) * 1e3,
+            "ratio_to_one_token": med / base,
+        }
     return result
 
 
@@ -136,14 +145,21 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (fixed for every method)")
     ap.add_argument("--verify-prefix", type=int, default=256, help="prefix length for the verify-cost part")
     ap.add_argument("--verify-repeats", type=int, default=20, help="repeats per tree size")
-    ap.add_argument("--verify-only", action="store_true", help="skip the decode-speed part (minutes) and time verify cost only")
+    ap.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="skip the decode-speed part (minutes) and time verify cost only",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = selfspec.load_target("default")
-    methods = {"hf": time_hf, "engine": time_engine(None),
-               "medusa-untrained": time_engine(selfspec.new_drafter("medusa", model)),
-               "eagle-untrained": time_engine(selfspec.new_drafter("eagle", model))}
+    methods = {
+        "hf": time_hf,
+        "engine": time_engine(None),
+        "medusa-untrained": time_engine(selfspec.new_drafter("medusa", model)),
+        "eagle-untrained": time_engine(selfspec.new_drafter("eagle", model)),
+    }
     if (SHIPPED_DRAFTERS / "default").is_dir():
         methods["default-drafter"] = time_engine(selfspec.load_drafter("default", model))
     warm = encode(tokenizer, "Hello")
@@ -154,12 +170,22 @@ def main():
         speed = summarize(decode_speed(model, tokenizer, methods, args))
     verify = verify_cost(model, [1, 2, 4, 8, 16, 24, 32, 64], args.verify_prefix, args.verify_repeats)
     record = {
-        "benchmark": "engine", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
-        "device": str(model.device), "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-        "torch": torch.__version__, "transformers": transformers.__version__, "selfspec": selfspec.__version__,
-        "model": "default (SmolLM2-135M-Instruct Q4_1 -> fp32)", "prompts": args.prompts,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "decode": speed,
-        "verify_prefix": args.verify_prefix, "verify": verify,
+        "benchmark": "engine",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+        "device": str(model.device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "selfspec": selfspec.__version__,
+        "model": "default (SmolLM2-135M-Instruct Q4_1 -> fp32)",
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "decode": speed,
+        "verify_prefix": args.verify_prefix,
+        "verify": verify,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"engine{'_verify' if args.verify_only else ''}_{model.device.type}.json"
@@ -167,11 +193,15 @@ def main():
     print("| method | tok/s median | min-max | vs HF | tau | identical to HF |\n|---|---|---|---|---|---|")
     for name, r in speed.items():
         tau = f"{r['tau_mean']:.2f}" if r["tau_mean"] else "-"
-        print(f"| {name} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f} "
-              f"| {r['ratio_to_hf']:.3f} | {tau} | {r['identical_to_hf']} |")
+        print(
+            f"| {name} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f} "
+            f"| {r['ratio_to_hf']:.3f} | {tau} | {r['identical_to_hf']} |"
+        )
     print("\n| tree nodes | verify ms (median) | min-max | vs 1 token |\n|---|---|---|---|")
     for t, r in verify.items():
-        print(f"| {t} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['ratio_to_one_token']:.2f} |")
+        print(
+            f"| {t} | {r['median_ms']:.1f} | {r['min_ms']:.1f}-{r['max_ms']:.1f} | {r['ratio_to_one_token']:.2f} |"
+        )
     print(f"\nwritten {path}")
 
 

@@ -28,14 +28,29 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
 from selfspec.tree import prior_acceptance, tree_from_acceptance
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=1024,
+)
 
 
 def timer(device):
     if device.type == "cuda":
+
         def run(fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -44,10 +59,12 @@ def timer(device):
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3
     else:
+
         def run(fn):
             t = time.perf_counter()
             fn()
             return time.perf_counter() - t
+
     return run
 
 
@@ -83,20 +100,38 @@ def main():
             tree = tree_from_acceptance(prior, t).to(device)
             tokens = torch.randint(0, shape["vocab_size"], (t,), device=device)
             mask = TreeMask(tree.ancestor_mask, backend) if t > 1 else None
-            steps[t] = (lambda tokens=tokens, tree=tree, mask=mask:
-                        target_forward(model, cache, tokens, tree.depths, mask))
+            steps[t] = lambda tokens=tokens, tree=tree, mask=mask: target_forward(
+                model, cache, tokens, tree.depths, mask
+            )
             for _ in range(3):
                 steps[t]()  # warm-up (autotuning, allocator)
         for _ in range(args.repeats):
             for t in sizes:
                 times[t].append(measure(steps[t]))
     base = statistics.median(times[1]) if 1 in times else None
-    rows = {t: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3,
-                "ratio_to_decode": statistics.median(v) / base if base else None} for t, v in times.items()}
-    record = {"benchmark": "verify_step", "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-              "shape": shape, "prefix": prefix, "backend": backend, "results": rows}
+    rows = {
+        t: {
+            "median_ms": statistics.median(v) * 1e3,
+            "min_ms": min(v) * 1e3,
+            "max_ms": max(v) * 1e3,
+            "ratio_to_decode": statistics.median(v) / base if base else None,
+        }
+        for t, v in times.items()
+    }
+    record = {
+        "benchmark": "verify_step",
+        "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": str(dtype),
+        "shape": shape,
+        "prefix": prefix,
+        "backend": backend,
+        "results": rows,
+    }
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
         name = "cuda" if device.type == "cuda" else "cpu"

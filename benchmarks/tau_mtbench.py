@@ -26,10 +26,16 @@ MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "m
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("drafters", nargs="+", help="'default' or drafter directories")
-    ap.add_argument("--trees", default="static,dynamic", help="comma-separated tree arguments (default: %(default)s)")
+    ap.add_argument(
+        "--trees", default="static,dynamic", help="comma-separated tree arguments (default: %(default)s)"
+    )
     ap.add_argument("--questions", type=Path, default=MT_BENCH, help="MT-bench-format JSONL")
-    ap.add_argument("--per-category", type=int, default=1, help="questions per category (default: %(default)s)")
-    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per question (default: %(default)s)")
+    ap.add_argument(
+        "--per-category", type=int, default=1, help="questions per category (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--new-tokens", type=int, default=128, help="new tokens per question (default: %(default)s)"
+    )
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -46,10 +52,23 @@ def main():
                 r = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=args.new_tokens, tree=arg)
                 taus.append(r.stats.new_tokens / max(r.stats.steps, 1))
             results[f"{path}|{tree}"] = {"mean": statistics.mean(taus), "per_question": taus}
-            print(f"{path} tree={tree}: tau {statistics.mean(taus):.3f} {[round(t, 2) for t in taus]}", flush=True)
+            print(
+                f"{path} tree={tree}: tau {statistics.mean(taus):.3f} {[round(t, 2) for t in taus]}",
+                flush=True,
+            )
     if args.out:
-        args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "questions": [q.key for q in qs],
-                                        "new_tokens": args.new_tokens, "results": results}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "questions": [q.key for q in qs],
+                    "new_tokens": args.new_tokens,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -113,8 +113,15 @@ class SelfspecMethod:
     """``selfspec.generate`` with or without a drafter; ``tree`` and ``acceptance`` are passed as
     given (they only matter with a drafter)."""
 
-    def __init__(self, name: str, model: Any, drafter: Any, tree: Any = "static", acceptance: str = "exact",
-                 verify: str = "exact"):
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        drafter: Any,
+        tree: Any = "static",
+        acceptance: str = "exact",
+        verify: str = "exact",
+    ):
         self.name, self.model, self.drafter = name, model, drafter
         self.tree, self.acceptance, self.verify = tree, acceptance, verify
         self.accepted = selfspec_parameters()

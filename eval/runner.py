@@ -66,7 +66,8 @@ class EvalConfig:
         default="exact", metadata=_h("selfspec's acceptance: exact (lossless) or typical (lossy)")
     )
     verify: str = field(
-        default="exact", metadata=_h("selfspec's verification: exact (bitwise per node) or batched (one masked pass)")
+        default="exact",
+        metadata=_h("selfspec's verification: exact (bitwise per node) or batched (one masked pass)"),
     )
     turns: str = field(default="first", metadata=_h("'first' or 'all' (the model's answers fed back)"))
     limit: int | None = field(default=None, metadata=_h("first K questions of each file"))
@@ -79,7 +80,12 @@ class EvalConfig:
     wandb: str = field(default="offline", metadata=_h(f"one of {MODES}"))
     wandb_project: str = field(default="selfspec-eval", metadata=_h("W&B project name"))
     resume: bool = field(default=False, metadata=_h("continue an interrupted eval in the same out directory"))
-    dtype: str | None = field(default=None, metadata=_h("model dtype, the same for every method; default bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere"))
+    dtype: str | None = field(
+        default=None,
+        metadata=_h(
+            "model dtype, the same for every method; default bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere"
+        ),
+    )
     device: str | None = field(default=None, metadata=_h("torch device; default cuda when available"))
     threads: int | None = field(
         default=None, metadata=_h("torch CPU threads; default: torch's current count")

@@ -60,7 +60,9 @@ def _compile() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                [compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
             os.replace(tmp, out)  # atomic: a killed build never leaves a half-written library behind
@@ -105,9 +107,16 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     weight's size, outputs padded to a multiple of 64)."""
     if not available():
         raise RuntimeError(f"the blocked CPU linear is unavailable: {_REASON}")
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] % 2 or weight.device.type != "cpu":
-        raise ValueError(f"pack takes a 2-D bf16 CPU weight with an even K, got {weight.dtype} {tuple(weight.shape)} "
-                         f"on {weight.device}")
+    if (
+        weight.dtype != torch.bfloat16
+        or weight.dim() != 2
+        or weight.shape[1] % 2
+        or weight.device.type != "cpu"
+    ):
+        raise ValueError(
+            f"pack takes a 2-D bf16 CPU weight with an even K, got {weight.dtype} {tuple(weight.shape)} "
+            f"on {weight.device}"
+        )
     w = weight.detach().contiguous()
     n, k = w.shape
     out = torch.empty(_LIB.packed_elements(n, k), dtype=torch.bfloat16)
@@ -115,20 +124,32 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def blocked_linear(x: torch.Tensor, packed: torch.Tensor, n: int, block: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+def blocked_linear(
+    x: torch.Tensor, packed: torch.Tensor, n: int, block: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ w.T + bias`` for ``x`` [..., K] bf16 and ``packed = pack(w)`` with ``w`` [n, K]; K-blocks
     of ``block`` elements (even), each row in the same order; returns [..., n] bf16."""
     k = x.shape[-1]
     if x.dtype != torch.bfloat16 or block <= 0 or block % 2 or packed.numel() != _LIB.packed_elements(n, k):
-        raise ValueError(f"blocked_linear: x must be bf16 with the packed weight's K and block even and positive "
-                         f"(x {x.dtype} {tuple(x.shape)}, n={n}, block={block})")
+        raise ValueError(
+            f"blocked_linear: x must be bf16 with the packed weight's K and block even and positive "
+            f"(x {x.dtype} {tuple(x.shape)}, n={n}, block={block})"
+        )
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if bias is not None:
         bias = bias.detach().to(torch.bfloat16).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-    _LIB.blocked_linear(rows.data_ptr(), rows.stride(0), packed.data_ptr(),
-                        bias.data_ptr() if bias is not None else None, y.data_ptr(), rows.shape[0], n, k, block)
+    _LIB.blocked_linear(
+        rows.data_ptr(),
+        rows.stride(0),
+        packed.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        rows.shape[0],
+        n,
+        k,
+        block,
+    )
     return y.view(*x.shape[:-1], n)

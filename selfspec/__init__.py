@@ -1,9 +1,9 @@
 """selfspec: lossless self-speculative decoding for Hugging Face causal LMs.
 
-    model, tokenizer = selfspec.load_target("default")
-    drafter = selfspec.load_drafter("default", model)      # or selfspec.new_drafter("eagle", model)
-    result = selfspec.generate(model, input_ids, drafter=drafter, max_new_tokens=128)
-    result.sequences, result.stats.mean_accepted_length, result.stats.tokens_per_s
+model, tokenizer = selfspec.load_target("default")
+drafter = selfspec.load_drafter("default", model)      # or selfspec.new_drafter("eagle", model)
+result = selfspec.generate(model, input_ids, drafter=drafter, max_new_tokens=128)
+result.sequences, result.stats.mean_accepted_length, result.stats.tokens_per_s
 """
 
 from selfspec.drafters import Drafter, EagleDrafter, MedusaDrafter

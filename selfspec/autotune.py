@@ -74,8 +74,14 @@ def _seconds(fn) -> float:
 
 
 @torch.inference_mode()
-def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix: int = 256, repeats: int = 5,
-            verify: str = "exact"):
+def measure(
+    model: PreTrainedModel,
+    drafter: Drafter,
+    budgets=CANDIDATES,
+    prefix: int = 256,
+    repeats: int = 5,
+    verify: str = "exact",
+):
     """Median seconds of (draft step, verify forward) per budget, on random tokens at a ``prefix``
     context. Budgets are timed in rounds, one call each per round after a warm-up round, so drift
     and cold caches weigh on every budget alike (timing plain decoding first, cold, made trees
@@ -89,8 +95,13 @@ def measure(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, prefix
         for n in budgets:
             calls[n] = _budget_calls(model, drafter, ids, DynamicTree.sized(n), n, repeats, backend, verify)
         times = {n: ([], []) for n in budgets}
-        bar = tqdm(range(repeats + 1), desc=f"tree=auto: timing {len(budgets)} tree sizes once on "
-                   f"{model.device.type}", unit="round", leave=False, disable=None)  # shown on a terminal only
+        bar = tqdm(
+            range(repeats + 1),
+            desc=f"tree=auto: timing {len(budgets)} tree sizes once on {model.device.type}",
+            unit="round",
+            leave=False,
+            disable=None,
+        )  # shown on a terminal only
         for round_ in bar:
             for n, (draft, verify_tree) in calls.items():
                 d, v = (_seconds(draft) if draft else 0.0), _seconds(verify_tree)
@@ -113,18 +124,24 @@ def _budget_calls(model, drafter, ids, spec, n, repeats, backend, verify):
     state = drafter.begin(prefix + (repeats + 2) * (STEP_ROWS + spec.pool_size) + 1)
     d = drafter.propose(state, first.hidden, ids.roll(-1), spec)
     mask = TreeMask(d.tree.ancestor_mask, backend, verify == "exact") if d.tree.size > 1 else None
-    return (lambda: drafter.propose(state, first.hidden[-STEP_ROWS:], ids[-STEP_ROWS:], spec),
-            lambda: target_forward(model, cache, d.tokens, d.tree.depths, mask, drafter.feature_layers))
+    return (
+        lambda: drafter.propose(state, first.hidden[-STEP_ROWS:], ids[-STEP_ROWS:], spec),
+        lambda: target_forward(model, cache, d.tokens, d.tree.depths, mask, drafter.feature_layers),
+    )
 
 
 def cache_key(model: PreTrainedModel, drafter: Drafter, verify: str = "exact") -> str:
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return (f"v{VERSION}|{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|"
-            f"{drafter.num_parameters_own()}|verify={verify}")
+    return (
+        f"v{VERSION}|{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|"
+        f"{drafter.num_parameters_own()}|verify={verify}"
+    )
 
 
-def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, verify: str = "exact") -> DynamicTree | TreeBuffers:
+def auto_tree(
+    model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, verify: str = "exact"
+) -> DynamicTree | TreeBuffers:
     """The dynamic tree whose budget maximizes expected tokens/s here (measured once, cached);
     the root-only tree (plain decoding) when no tree is expected to beat it."""
     path = cache_dir() / "autotune.json"
@@ -139,8 +156,12 @@ def auto_tree(model: PreTrainedModel, drafter: Drafter, budgets=CANDIDATES, veri
         best = max(rates, key=rates.get)
         if 1 in rates and rates[best] < (1 + MARGIN) * rates[1]:
             best = 1  # within timing noise of plain decoding: do not draft
-        table[key] = {"budget": best, "expected_tokens_per_s": rates,
-                      "draft_s": {n: c[0] for n, c in costs.items()}, "verify_s": {n: c[1] for n, c in costs.items()}}
+        table[key] = {
+            "budget": best,
+            "expected_tokens_per_s": rates,
+            "draft_s": {n: c[0] for n, c in costs.items()},
+            "verify_s": {n: c[1] for n, c in costs.items()},
+        }
         _write_json(path, table)
     budget = int(table[key]["budget"])
     return chain(0) if budget == 1 else DynamicTree.sized(budget)

@@ -34,42 +34,85 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the user message (the chat template is applied for instruct models)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 text file")
-    p.add_argument("--model", default="default",
-                   help="target: 'default' (SmolLM2-135M-Instruct, fetched on first use), a Hugging Face "
-                        "model id, a local checkpoint directory, or a .gguf file (default: %(default)s)")
-    p.add_argument("--drafter", default="default",
-                   help="'default' (the drafter shipped for the default model; none if this build ships "
-                        "none), 'none' (plain one-token steps), or a directory written by save_pretrained "
-                        "/ selfspec train (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text, without the chat template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: bf16 on CUDA and on CPUs with native bf16 dot products, AVX512_BF16 or AMX; fp32 on other CPUs)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="target: 'default' (SmolLM2-135M-Instruct, fetched on first use), a Hugging Face "
+        "model id, a local checkpoint directory, or a .gguf file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drafter",
+        default="default",
+        help="'default' (the drafter shipped for the default model; none if this build ships "
+        "none), 'none' (plain one-token steps), or a directory written by save_pretrained "
+        "/ selfspec train (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed the prompt as raw text, without the chat template",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: bf16 on CUDA and on CPUs with native bf16 dot products, AVX512_BF16 or AMX; fp32 on other CPUs)",
+    )
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     add_decoding_args(p, tree_default="auto")
-    p.add_argument("--compare", action="store_true",
-                   help="also run Hugging Face generate and the engine without a drafter on the same "
-                        "prompt, check the outputs are identical, and print the speedup (medians of "
-                        "--compare-rounds interleaved runs of each, none of them streamed)")
-    p.add_argument("--compare-rounds", type=int, default=3,
-                   help="with --compare: timed rounds, each running HF generate, selfspec and the engine "
-                        "without drafter once, in rotating order (default: %(default)s)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, new_tokens, tau, tokens_per_s, wall_s, ...) instead of streaming text")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run Hugging Face generate and the engine without a drafter on the same "
+        "prompt, check the outputs are identical, and print the speedup (medians of "
+        "--compare-rounds interleaved runs of each, none of them streamed)",
+    )
+    p.add_argument(
+        "--compare-rounds",
+        type=int,
+        default=3,
+        help="with --compare: timed rounds, each running HF generate, selfspec and the engine "
+        "without drafter once, in rotating order (default: %(default)s)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, new_tokens, tau, tokens_per_s, wall_s, ...) instead of streaming text",
+    )
     p.set_defaults(run=run_generate, check=check_generate)
 
 
 def add_decoding_args(p: argparse.ArgumentParser, tree_default: str = "static") -> None:
     """Sampling, tree and acceptance flags shared by generate and eval."""
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (identical to the model's greedy output); > 0 samples, and the output "
-                        "follows the model's own distribution exactly (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: %(default)s)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (identical to the model's greedy output); > 0 samples, and the output "
+        "follows the model's own distribution exactly (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: %(default)s)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--tree", default=tree_default, help=TREE_HELP + " (default: %(default)s)")
-    p.add_argument("--acceptance", choices=["exact", "typical"], default="exact",
-                   help="'exact' is lossless; 'typical' (Medusa) accepts more but is lossy (default: %(default)s)")
-    p.add_argument("--verify", choices=["exact", "batched"], default="exact", help=VERIFY_HELP + " (default: %(default)s)")
+    p.add_argument(
+        "--acceptance",
+        choices=["exact", "typical"],
+        default="exact",
+        help="'exact' is lossless; 'typical' (Medusa) accepts more but is lossy (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verify",
+        choices=["exact", "batched"],
+        default="exact",
+        help=VERIFY_HELP + " (default: %(default)s)",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,14 +127,23 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         tree = parse_tree(args.tree)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-            "tree": tree, "acceptance": args.acceptance, "verify": args.verify}
+    return {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "tree": tree,
+        "acceptance": args.acceptance,
+        "verify": args.verify,
+    }
 
 
-VERIFY_HELP = ("'exact' (default): every tree node computes bitwise what a one-token step computes, so greedy output is bitwise the model's own in any dtype; 'batched': one masked pass per tree, cheaper on a CPU, equal to plain decoding only up to floating-point near-ties")
-TREE_HELP = ("draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step from the "
-             "drafter's confidence), N (dynamic with N nodes; 1 = no drafting), or 'auto' (the size measured "
-             "fastest on this device, cached; may be 1 where drafting does not pay)")
+VERIFY_HELP = "'exact' (default): every tree node computes bitwise what a one-token step computes, so greedy output is bitwise the model's own in any dtype; 'batched': one masked pass per tree, cheaper on a CPU, equal to plain decoding only up to floating-point near-ties"
+TREE_HELP = (
+    "draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step from the "
+    "drafter's confidence), N (dynamic with N nodes; 1 = no drafting), or 'auto' (the size measured "
+    "fastest on this device, cached; may be 1 where drafting does not pay)"
+)
 
 
 def parse_tree(value: Any) -> str | int:
@@ -117,7 +169,9 @@ def check_generate(args: argparse.Namespace) -> None:
         raise UsageError("the prompt is empty; pass some text with --prompt or --prompt-file")
     check_model_arg(args.model)
     if args.drafter not in ("default", "none") and not Path(args.drafter).expanduser().is_dir():
-        raise UsageError(f"--drafter {args.drafter} is not a directory; pass 'default', 'none' or a saved drafter directory")
+        raise UsageError(
+            f"--drafter {args.drafter} is not a directory; pass 'default', 'none' or a saved drafter directory"
+        )
 
 
 def check_model_arg(model: str) -> None:
@@ -129,13 +183,19 @@ def check_model_arg(model: str) -> None:
     if path.suffix == ".gguf":
         raise UsageError(f"--model {model}: GGUF file not found")
     if not HUB_ID.match(model) or path.exists():
-        raise UsageError(f"--model {model!r} is neither 'default', a .gguf file, a local directory, nor a hub id")
+        raise UsageError(
+            f"--model {model!r} is neither 'default', a .gguf file, a local directory, nor a hub id"
+        )
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool):
     if chat and getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
         return enc["input_ids"]
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
@@ -158,9 +218,11 @@ def pick_drafter(name: str, model: Any, quiet: bool = False):
             return selfspec.load_drafter(name, model)
         except ValueError as e:  # another target: say why 'default' (also the flag's default) cannot apply
             why = str(e).split(";")[0].replace(f"drafter at {resolve_drafter_dir('default')} ", "it ")
-            raise ValueError(f"--drafter default is the drafter shipped for the default model (SmolLM2-135M-"
-                             f"Instruct) and {why}; pass --drafter none, or a drafter trained for this model "
-                             "(selfspec train --model ...)") from e
+            raise ValueError(
+                f"--drafter default is the drafter shipped for the default model (SmolLM2-135M-"
+                f"Instruct) and {why}; pass --drafter none, or a drafter trained for this model "
+                "(selfspec train --model ...)"
+            ) from e
     return selfspec.load_drafter(name, model)
 
 
@@ -178,20 +240,42 @@ def run_generate(args: argparse.Namespace) -> int:
         selfspec.generate(model, ids, drafter=drafter, max_new_tokens=8, **args.decoding)
         selfspec.generate(model, ids, drafter=None, max_new_tokens=8)
         model.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
-    result = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                               **args.decoding)
+    result = selfspec.generate(
+        model, ids, drafter=drafter, max_new_tokens=args.max_new_tokens, streamer=streamer, **args.decoding
+    )
     s = result.stats
     report: dict[str, Any] = {
-        "text": tokenizer.decode(result.sequences[0, ids.shape[1]:], skip_special_tokens=True),
-        "new_tokens": s.new_tokens, "tau": round(s.mean_accepted_length, 4), "tokens_per_s": round(s.tokens_per_s, 3),
-        "wall_s": round(s.wall_s, 4), "steps": s.steps, "accepted_hist": s.accepted_hist,
-        "prompt_tokens": int(ids.shape[1]), "model": args.model, "temperature": args.temperature, "tree": str(args.tree),
-        "drafter": "none" if drafter is None else args.drafter, "device": str(model.device),
-        "tree_nodes": s.tree_nodes, "dtype": str(model.dtype).removeprefix("torch."), "verify": args.verify,
+        "text": tokenizer.decode(result.sequences[0, ids.shape[1] :], skip_special_tokens=True),
+        "new_tokens": s.new_tokens,
+        "tau": round(s.mean_accepted_length, 4),
+        "tokens_per_s": round(s.tokens_per_s, 3),
+        "wall_s": round(s.wall_s, 4),
+        "steps": s.steps,
+        "accepted_hist": s.accepted_hist,
+        "prompt_tokens": int(ids.shape[1]),
+        "model": args.model,
+        "temperature": args.temperature,
+        "tree": str(args.tree),
+        "drafter": "none" if drafter is None else args.drafter,
+        "device": str(model.device),
+        "tree_nodes": s.tree_nodes,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "verify": args.verify,
     }
     if args.compare:
-        report.update(compare(model, ids, args.max_new_tokens, result, torch, sampled=args.temperature > 0,
-                              drafter=drafter, decoding=args.decoding, rounds=args.compare_rounds))
+        report.update(
+            compare(
+                model,
+                ids,
+                args.max_new_tokens,
+                result,
+                torch,
+                sampled=args.temperature > 0,
+                drafter=drafter,
+                decoding=args.decoding,
+                rounds=args.compare_rounds,
+            )
+        )
     if args.json:
         print(json.dumps(report))
     else:
@@ -199,8 +283,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any, sampled: bool = False,
-            drafter: Any = None, decoding: dict | None = None, rounds: int = 3) -> dict[str, Any]:
+def compare(
+    model: Any,
+    ids: Any,
+    max_new_tokens: int,
+    result: Any,
+    torch: Any,
+    sampled: bool = False,
+    drafter: Any = None,
+    decoding: dict | None = None,
+    rounds: int = 3,
+) -> dict[str, Any]:
     """HF greedy generate, selfspec (as configured) and the drafter-less engine on the same prompt,
     ``rounds`` times each in rotating order (this CPU's speed drifts by 10-20% between runs, so one
     run each is not a measurement); the speedups are ratios of median tokens/s. Identity with HF
@@ -211,12 +304,18 @@ def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any, 
 
     def hf():
         start = time.perf_counter()
-        out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                             attention_mask=torch.ones_like(ids).to(model.device))
+        out = model.generate(
+            ids.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids).to(model.device),
+        )
         return out, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
     def ours():
-        res = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=max_new_tokens, **(decoding or {}))
+        res = selfspec.generate(
+            model, ids, drafter=drafter, max_new_tokens=max_new_tokens, **(decoding or {})
+        )
         return res.sequences, res.stats.tokens_per_s
 
     def plain():
@@ -226,11 +325,13 @@ def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any, 
     runs: dict[str, list] = {"hf": [], "selfspec": [], "engine": []}
     methods = list(zip(runs, (hf, ours, plain)))
     for r in range(rounds):
-        for name, fn in methods[r % 3:] + methods[: r % 3]:
+        for name, fn in methods[r % 3 :] + methods[: r % 3]:
             runs[name].append(fn())
     ref = runs["hf"][0][0].cpu()
     speed = {name: statistics.median(tps for _, tps in out) for name, out in runs.items()}
-    identical = all(torch.equal(seq.cpu(), ref) for seq in [result.sequences] + [s for s, _ in runs["selfspec"]])
+    identical = all(
+        torch.equal(seq.cpu(), ref) for seq in [result.sequences] + [s for s, _ in runs["selfspec"]]
+    )
     return {
         "hf_tokens_per_s": round(speed["hf"], 3),
         "engine_tokens_per_s": round(speed["engine"], 3),
@@ -244,30 +345,42 @@ def compare(model: Any, ids: Any, max_new_tokens: int, result: Any, torch: Any, 
 
 
 def print_summary(r: dict[str, Any]) -> None:
-    line = (f"\n[selfspec] {r['new_tokens']} tokens in {r['wall_s']:.2f}s = {r['tokens_per_s']:.1f} tok/s, "
-            f"tau {r['tau']:.2f} over {r['steps']} verify steps, drafter: {r['drafter']}")
+    line = (
+        f"\n[selfspec] {r['new_tokens']} tokens in {r['wall_s']:.2f}s = {r['tokens_per_s']:.1f} tok/s, "
+        f"tau {r['tau']:.2f} over {r['steps']} verify steps, drafter: {r['drafter']}"
+    )
     print(line, file=sys.stderr)
     if "speedup_vs_hf" in r:
         per_round = r.get("speedup_vs_hf_per_round") or []
         spread = f" (rounds: {min(per_round):.2f}-{max(per_round):.2f}x)" if len(per_round) > 1 else ""
-        print(f"[selfspec] {r['dtype']}, {r['verify']} verification, median of {r.get('compare_rounds', 1)} "
-              f"interleaved runs each: selfspec {r.get('selfspec_tokens_per_s_median', r['tokens_per_s']):.1f} tok/s, "
-              f"HF generate ({r['dtype']}) {r['hf_tokens_per_s']:.1f} tok/s, engine without drafter "
-              f"{r['engine_tokens_per_s']:.1f} tok/s -> speedup {r['speedup_vs_hf']:.2f}x vs HF{spread}, "
-              f"{r['speedup_vs_engine']:.2f}x vs no drafter; output identical to HF: {r['identical_to_hf']}",
-              file=sys.stderr)
+        print(
+            f"[selfspec] {r['dtype']}, {r['verify']} verification, median of {r.get('compare_rounds', 1)} "
+            f"interleaved runs each: selfspec {r.get('selfspec_tokens_per_s_median', r['tokens_per_s']):.1f} tok/s, "
+            f"HF generate ({r['dtype']}) {r['hf_tokens_per_s']:.1f} tok/s, engine without drafter "
+            f"{r['engine_tokens_per_s']:.1f} tok/s -> speedup {r['speedup_vs_hf']:.2f}x vs HF{spread}, "
+            f"{r['speedup_vs_engine']:.2f}x vs no drafter; output identical to HF: {r['identical_to_hf']}",
+            file=sys.stderr,
+        )
         if r["drafter"] != "none" and r["tree"] == "auto" and r["tree_nodes"] == 1:
-            print(f"[selfspec] --tree auto measured every tree size on {r['device']} and decoded without drafting: "
-                  "no tree was expected to keep enough tokens for its verify cost here (see "
-                  "benchmarks/README.md, 'CPU fast path'); --verify batched is cheaper but exact only up to "
-                  "floating-point near-ties", file=sys.stderr)
+            print(
+                f"[selfspec] --tree auto measured every tree size on {r['device']} and decoded without drafting: "
+                "no tree was expected to keep enough tokens for its verify cost here (see "
+                "benchmarks/README.md, 'CPU fast path'); --verify batched is cheaper but exact only up to "
+                "floating-point near-ties",
+                file=sys.stderr,
+            )
         elif r["drafter"] != "none" and r["speedup_vs_engine"] < 1:
-            fix = ("--tree auto chose this size from timings cached in $SELFSPEC_CACHE/autotune.json; delete that "
-                   "file to time again, or pass" if r["tree"] == "auto" else
-                   "try --tree auto (measures this device and may decide not to draft) or")
-            print(f"[selfspec] the drafter made decoding slower here: a verify step over {r['tree_nodes']} nodes "
-                  f"costs more on {r['device']} than the {r['tau']:.2f} tokens it keeps; {fix} --drafter none",
-                  file=sys.stderr)
+            fix = (
+                "--tree auto chose this size from timings cached in $SELFSPEC_CACHE/autotune.json; delete that "
+                "file to time again, or pass"
+                if r["tree"] == "auto"
+                else "try --tree auto (measures this device and may decide not to draft) or"
+            )
+            print(
+                f"[selfspec] the drafter made decoding slower here: a verify step over {r['tree_nodes']} nodes "
+                f"costs more on {r['device']} than the {r['tau']:.2f} tokens it keeps; {fix} --drafter none",
+                file=sys.stderr,
+            )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -277,8 +390,11 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate]
 
 def _optional_subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
     found = []
-    for module, name in (("selfspec.training.cli", "add_train"), ("selfspec.training.cli", "add_export"),
-                         ("selfspec.eval.cli", "add_eval")):
+    for module, name in (
+        ("selfspec.training.cli", "add_train"),
+        ("selfspec.training.cli", "add_export"),
+        ("selfspec.eval.cli", "add_eval"),
+    ):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as e:

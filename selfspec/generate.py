@@ -104,7 +104,9 @@ class Decoding:
         if self.plain_greedy:
             return greedy_accept(logits, draft.tokens, draft.tree)
         if self.acceptance == "typical":
-            return typical_accept(logits, draft.tokens, draft.tree, self.sampling.temperature, generator=self.generator)
+            return typical_accept(
+                logits, draft.tokens, draft.tree, self.sampling.temperature, generator=self.generator
+            )
         probs = _warp_tree(logits, draft, committed, self)
         return sample_accept(probs, draft.tokens, draft.tree, None, self.generator)
 
@@ -135,11 +137,15 @@ def _prompt(input_ids: torch.Tensor | list[int]) -> torch.Tensor:
     ids = torch.as_tensor(input_ids)
     if ids.ndim == 2:
         if ids.shape[0] != 1:
-            raise ValueError(f"input_ids has batch size {ids.shape[0]}; selfspec.generate decodes one sequence "
-                             "per call (shape [1, n] or [n])")
+            raise ValueError(
+                f"input_ids has batch size {ids.shape[0]}; selfspec.generate decodes one sequence "
+                "per call (shape [1, n] or [n])"
+            )
         ids = ids[0]
     if ids.ndim != 1 or ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty [n] or [1, n] tensor of token ids, got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty [n] or [1, n] tensor of token ids, got shape {tuple(ids.shape)}"
+        )
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     return ids.long()
@@ -151,8 +157,10 @@ def check_lengths(model: PreTrainedModel, prompt_len: int, max_new_tokens: int) 
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context and prompt_len + max_new_tokens > context:
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
-                         f"context of {context} tokens; shorten the prompt or lower max_new_tokens")
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
+            f"context of {context} tokens; shorten the prompt or lower max_new_tokens"
+        )
 
 
 def _stream(streamer: Any, tokens: torch.Tensor) -> None:
@@ -163,8 +171,9 @@ def _stream(streamer: Any, tokens: torch.Tensor) -> None:
 TreeArg = TreeBuffers | DynamicTree | str | int | None
 
 
-def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel,
-                 verify: str = "exact") -> TreeBuffers | DynamicTree:
+def resolve_tree(
+    tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel, verify: str = "exact"
+) -> TreeBuffers | DynamicTree:
     """None/"static": the drafter's (calibrated) static tree; "dynamic": a per-step tree of the
     default budget; an int N: dynamic with N nodes; "auto": the budget measured fastest here."""
     if drafter is None:
@@ -183,8 +192,10 @@ def resolve_tree(tree: TreeArg, drafter: Drafter | None, model: PreTrainedModel,
         if tree < 1:
             raise ValueError(f"tree size must be >= 1 node, got {tree}")
         return ROOT_ONLY if tree == 1 else DynamicTree.sized(tree)
-    raise ValueError(f"tree={tree!r} is not understood; pass 'static', 'dynamic', 'auto', a node count, "
-                     "or a TreeBuffers / DynamicTree")
+    raise ValueError(
+        f"tree={tree!r} is not understood; pass 'static', 'dynamic', 'auto', a node count, "
+        "or a TreeBuffers / DynamicTree"
+    )
 
 
 def _tree_rows(tree: TreeBuffers | DynamicTree) -> int:
@@ -234,9 +245,13 @@ def generate(
     check_lengths(model, prompt.numel(), max_new_tokens)
     tree = resolve_tree(tree, drafter, model, verify)
     tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
-    dec = Decoding(sampling, acceptance, logits_processor, sampling.make_generator(model.device), verify == "exact")
+    dec = Decoding(
+        sampling, acceptance, logits_processor, sampling.make_generator(model.device), verify == "exact"
+    )
     if verify == "exact" and drafter is not None:
-        row_exact(model)  # measures which linear shapes need row-exact GEMMs once per process, before the clock starts
+        row_exact(
+            model
+        )  # measures which linear shapes need row-exact GEMMs once per process, before the clock starts
     return _run(model, prompt, drafter, tree, max_new_tokens, _eos_set(model, eos_token_id), streamer, dec)
 
 
@@ -312,12 +327,20 @@ class _Loop:
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
         t1 = time.perf_counter()
-        mask = TreeMask(draft.tree.ancestor_mask, backend, self.dec.exact_verify) if draft.tree.size > 1 else None
-        out = target_forward(self.model, self.cache, draft.tokens, draft.tree.depths, mask, feature_layers(self.drafter))
+        mask = (
+            TreeMask(draft.tree.ancestor_mask, backend, self.dec.exact_verify)
+            if draft.tree.size > 1
+            else None
+        )
+        out = target_forward(
+            self.model, self.cache, draft.tokens, draft.tree.depths, mask, feature_layers(self.drafter)
+        )
         t2 = time.perf_counter()
         committed = None
         if not self.dec.plain_greedy and self.dec.logits_processor is not None:
-            committed = torch.cat([self.prompt, torch.tensor(produced[:-1], dtype=torch.long, device=self.prompt.device)])
+            committed = torch.cat(
+                [self.prompt, torch.tensor(produced[:-1], dtype=torch.long, device=self.prompt.device)]
+            )
         acc = self.dec.accept(out.logits, draft, committed)
         self.cache.store.commit(acc.path)
         kept = torch.cat([draft.tokens[acc.path[1:]], acc.bonus.reshape(1)])  # drafted kept + bonus

@@ -201,8 +201,9 @@ def tree_attention_forward(
         sinks = kwargs.pop("sinks", None)
     if selfspec_tree is None:
         window = _window(kwargs, kv_len)  # the last query sits kv_len - 1 positions past the first key
-        if attention_mask is None and (window is not None or 1 < q_len < kv_len or softcap is not None
-                                       or sinks is not None):
+        if attention_mask is None and (
+            window is not None or 1 < q_len < kv_len or softcap is not None or sinks is not None
+        ):
             attention_mask = offset_causal_mask(q_len, kv_len, query.device)
             if window is not None:
                 q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
@@ -216,8 +217,10 @@ def tree_attention_forward(
     if kwargs.get("position_bias") is not None:
         # A bias the model builds over cache slots would be wrong for tree nodes, whose positions
         # are prefix + depth, not their slots.
-        raise ValueError(f"{type(module).__name__} adds a position bias inside attention, which tree verification "
-                         "cannot reproduce; use a model with rotary or learned positions")
+        raise ValueError(
+            f"{type(module).__name__} adds a position bias inside attention, which tree verification "
+            "cannot reproduce; use a model with rotary or learned positions"
+        )
     window = _window(kwargs, selfspec_tree.reach(kv_len)) if kwargs.get("sliding_window") else None
     plain = window is None and softcap is None and sinks is None
     if selfspec_tree.backend == "triton" and plain:
@@ -406,7 +409,11 @@ def target_forward(
     start = cache.store.length
     offsets = depths if depths is not None else torch.arange(tokens.shape[0], device=tokens.device)
     extra = {"logits_to_keep": 1} if last_logits_only else {}
-    with row_exact(model) if tree is not None and tree.exact and tree.backend == "torch" else contextlib.nullcontext():
+    with (
+        row_exact(model)
+        if tree is not None and tree.exact and tree.backend == "torch"
+        else contextlib.nullcontext()
+    ):
         out = model(
             input_ids=tokens[None],
             position_ids=(offsets + start)[None],
@@ -435,8 +442,12 @@ class Features:
 
 
 @torch.no_grad()
-def target_features(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Features:
+def target_features(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> Features:
     """The frozen target's features for whole sequences (training, calibration): the same hidden
     state ``generate`` hands the drafters, plus logits and per-layer states (EAGLE-3 fusion)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+    )
     return Features(hidden=out.hidden_states[-1], logits=out.logits, layers=tuple(out.hidden_states))

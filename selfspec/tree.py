@@ -72,7 +72,9 @@ class TreeBuffers:
         return out[1:]
 
 
-def tree_from_parents(parents: Sequence[int] | torch.Tensor, ranks: Sequence[int] | torch.Tensor | None = None) -> TreeBuffers:
+def tree_from_parents(
+    parents: Sequence[int] | torch.Tensor, ranks: Sequence[int] | torch.Tensor | None = None
+) -> TreeBuffers:
     """Build the buffers of a tree given each node's parent (``parents[0] == -1``, ``parents[i] < i``).
 
     ``ranks`` defaults to each node's order among its siblings. The work is vectorized over nodes
@@ -106,7 +108,9 @@ def tree_from_parents(parents: Sequence[int] | torch.Tensor, ranks: Sequence[int
         ranks[0] = -1
     ranks = torch.as_tensor(ranks, dtype=torch.long, device=parents.device)
     if ranks.shape != parents.shape:
-        raise ValueError(f"ranks has shape {tuple(ranks.shape)}, expected {tuple(parents.shape)} (one per node)")
+        raise ValueError(
+            f"ranks has shape {tuple(ranks.shape)}, expected {tuple(parents.shape)} (one per node)"
+        )
 
     leaves = (num_children == 0).nonzero().flatten()
     width = int(depths.max().item()) + 1

@@ -51,7 +51,9 @@ def test_oracle_trees_match_hf(tiny_models, arch, rank):
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(31))
     ref = hf_greedy(model, ids, 20)
     drafter = OracleDrafter(model, ref, ids.shape[1], rank=rank)
-    tree = build_tree([(r,) for r in range(2)] + [(r, s) for r in range(2) for s in range(2)] + [(rank, rank, 0)])
+    tree = build_tree(
+        [(r,) for r in range(2)] + [(r, s) for r in range(2) for s in range(2)] + [(rank, rank, 0)]
+    )
     out = selfspec.generate(model, ids, drafter=drafter, tree=tree, max_new_tokens=20, eos_token_id=[])
     assert torch.equal(out.sequences, ref)
     assert out.stats.mean_accepted_length > 2.5  # the oracle's paths were kept, not just bonus tokens
@@ -84,8 +86,9 @@ def test_triton_backend_falls_back_per_layer(tiny_models, monkeypatch, arch):
     real = kernels.tree_attention
     monkeypatch.setattr(kernels, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     drafter = OracleDrafter(model, ref, ids.shape[1], rank=0)
-    out = selfspec.generate(model, ids, drafter=drafter, tree=build_tree([(0,), (1,), (0, 0)]), max_new_tokens=12,
-                            eos_token_id=[])
+    out = selfspec.generate(
+        model, ids, drafter=drafter, tree=build_tree([(0,), (1,), (0, 0)]), max_new_tokens=12, eos_token_id=[]
+    )
     assert torch.equal(out.sequences, ref)
     assert calls if arch == "gemma3" else not calls  # gpt-oss: every layer has sinks
 
@@ -116,4 +119,6 @@ def test_a_position_bias_inside_attention_is_refused_in_a_tree():
     q, kv = torch.zeros(1, 2, 3, 8), torch.zeros(1, 1, 5, 8)
     tree = TreeMask(chain(2).ancestor_mask, "torch")
     with pytest.raises(ValueError, match="position bias"):
-        tree_attention_forward(torch.nn.Module(), q, kv, kv, None, selfspec_tree=tree, position_bias=torch.zeros(1, 2, 3, 5))
+        tree_attention_forward(
+            torch.nn.Module(), q, kv, kv, None, selfspec_tree=tree, position_bias=torch.zeros(1, 2, 3, 5)
+        )

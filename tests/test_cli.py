@@ -17,8 +17,19 @@ def run(capsys, *argv):
 
 
 def test_generate_json(capsys, tiny_checkpoint):
-    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "the quick fox",
-                         "--max-new-tokens", "12", "--drafter", "none", "--json")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "the quick fox",
+        "--max-new-tokens",
+        "12",
+        "--drafter",
+        "none",
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert {"text", "new_tokens", "tau", "tokens_per_s", "wall_s"} <= set(report)
@@ -28,8 +39,20 @@ def test_generate_json(capsys, tiny_checkpoint):
 def test_generate_with_saved_drafter_and_compare(capsys, tiny_checkpoint, tmp_path):
     model, _ = selfspec.load_target(str(tiny_checkpoint))
     selfspec.new_drafter("eagle", model).save_pretrained(tmp_path / "d")
-    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "lazy dog",
-                         "--max-new-tokens", "16", "--drafter", str(tmp_path / "d"), "--json", "--compare")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "lazy dog",
+        "--max-new-tokens",
+        "16",
+        "--drafter",
+        str(tmp_path / "d"),
+        "--json",
+        "--compare",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["identical_to_hf"] is True
@@ -40,18 +63,42 @@ def test_generate_with_saved_drafter_and_compare(capsys, tiny_checkpoint, tmp_pa
 def test_slower_drafter_gets_a_hint(capsys, speedup, hinted):
     from selfspec.cli import print_summary
 
-    report = {"new_tokens": 64, "wall_s": 5.0, "tokens_per_s": 12.8, "tau": 1.5, "steps": 40, "drafter": "default",
-              "hf_tokens_per_s": 12.0, "engine_tokens_per_s": 12.8 / speedup, "speedup_vs_hf": 1.0,
-              "speedup_vs_engine": speedup, "identical_to_hf": True, "tree_nodes": 12, "device": "cpu",
-              "dtype": "bfloat16", "verify": "exact", "tree": "static"}
+    report = {
+        "new_tokens": 64,
+        "wall_s": 5.0,
+        "tokens_per_s": 12.8,
+        "tau": 1.5,
+        "steps": 40,
+        "drafter": "default",
+        "hf_tokens_per_s": 12.0,
+        "engine_tokens_per_s": 12.8 / speedup,
+        "speedup_vs_hf": 1.0,
+        "speedup_vs_engine": speedup,
+        "identical_to_hf": True,
+        "tree_nodes": 12,
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "verify": "exact",
+        "tree": "static",
+    }
     print_summary(report)
     err = capsys.readouterr().err
     assert ("made decoding slower" in err and "--tree auto" in err) is hinted
 
 
 def test_generate_streams_text(capsys, tiny_checkpoint):
-    code, _out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "brown",
-                         "--max-new-tokens", "8", "--drafter", "none")
+    code, _out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "brown",
+        "--max-new-tokens",
+        "8",
+        "--drafter",
+        "none",
+    )
     assert code == 0, err
     assert "[selfspec]" in err and "tok/s" in err
 
@@ -74,14 +121,32 @@ def test_bad_input_is_one_line_before_loading(capsys, argv, message):
 
 
 def test_prompt_longer_than_context(capsys, tiny_checkpoint):
-    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--no-chat-template",
-                       "--prompt", "the quick brown fox " * 200, "--drafter", "none")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--no-chat-template",
+        "--prompt",
+        "the quick brown fox " * 200,
+        "--drafter",
+        "none",
+    )
     assert code == 1 and "exceeds the model context" in err and err.count("\n") == 1
 
 
 def test_mismatched_drafter(capsys, tiny_checkpoint, tmp_path, tiny_models):
     selfspec.new_drafter("medusa", tiny_models("qwen2")).save_pretrained(tmp_path / "d")
-    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--drafter", str(tmp_path / "d"))
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "hi",
+        "--drafter",
+        str(tmp_path / "d"),
+    )
     assert code == 1 and "but the target has" in err and err.count("\n") == 1
 
 
@@ -96,24 +161,65 @@ def test_default_drafter_on_another_model_says_what_to_pass(capsys, tiny_checkpo
 def test_corrupt_drafter(capsys, tiny_checkpoint, tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text("{oops")
-    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--drafter", str(tmp_path / "d"))
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "hi",
+        "--drafter",
+        str(tmp_path / "d"),
+    )
     assert code == 1 and "not valid JSON" in err
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "selfspec.cli", "generate", "--help"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "selfspec.cli", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0
-    for flag in ("--prompt", "--prompt-file", "--model", "--drafter", "--max-new-tokens", "--json", "--compare",
-                 "--no-chat-template", "--dtype", "--device"):
+    for flag in (
+        "--prompt",
+        "--prompt-file",
+        "--model",
+        "--drafter",
+        "--max-new-tokens",
+        "--json",
+        "--compare",
+        "--no-chat-template",
+        "--dtype",
+        "--device",
+    ):
         assert flag in out.stdout
 
 
 def test_sampling_flags(capsys, tiny_checkpoint, tmp_path):
     model, _ = selfspec.load_target(str(tiny_checkpoint))
     selfspec.new_drafter("medusa", model).save_pretrained(tmp_path / "d")
-    argv = ["generate", "--model", str(tiny_checkpoint), "--prompt", "fox", "--max-new-tokens", "10", "--json",
-            "--drafter", str(tmp_path / "d"), "--temperature", "0.9", "--top-p", "0.9", "--seed", "3", "--tree", "6"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "fox",
+        "--max-new-tokens",
+        "10",
+        "--json",
+        "--drafter",
+        str(tmp_path / "d"),
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--tree",
+        "6",
+    ]
     first = json.loads(run(capsys, *argv)[1])
     again = json.loads(run(capsys, *argv)[1])
     assert first["text"] == again["text"] and first["temperature"] == 0.9 and first["tree"] == "6"
@@ -136,10 +242,24 @@ def test_bad_decoding_flags(capsys, argv, message):
 def test_auto_choosing_plain_decoding_says_so(capsys):
     from selfspec.cli import print_summary
 
-    report = {"new_tokens": 64, "wall_s": 2.0, "tokens_per_s": 32.0, "tau": 1.0, "steps": 64, "drafter": "default",
-              "hf_tokens_per_s": 30.0, "engine_tokens_per_s": 31.0, "speedup_vs_hf": 1.07, "speedup_vs_engine": 1.03,
-              "identical_to_hf": True, "tree_nodes": 1, "device": "cpu", "dtype": "bfloat16", "verify": "exact",
-              "tree": "auto"}
+    report = {
+        "new_tokens": 64,
+        "wall_s": 2.0,
+        "tokens_per_s": 32.0,
+        "tau": 1.0,
+        "steps": 64,
+        "drafter": "default",
+        "hf_tokens_per_s": 30.0,
+        "engine_tokens_per_s": 31.0,
+        "speedup_vs_hf": 1.07,
+        "speedup_vs_engine": 1.03,
+        "identical_to_hf": True,
+        "tree_nodes": 1,
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "verify": "exact",
+        "tree": "auto",
+    }
     print_summary(report)
     err = capsys.readouterr().err
     assert "decoded without drafting" in err and "bfloat16, exact verification" in err
@@ -147,8 +267,23 @@ def test_auto_choosing_plain_decoding_says_so(capsys):
 
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", "bfloat16"), ("float32", "float32")])
 def test_dtype_flag_overrides_the_default(capsys, tiny_checkpoint, dtype, expected):
-    code, out, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt", "fox", "--max-new-tokens",
-                         "6", "--drafter", "none", "--json", "--dtype", dtype, "--verify", "batched")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_checkpoint),
+        "--prompt",
+        "fox",
+        "--max-new-tokens",
+        "6",
+        "--drafter",
+        "none",
+        "--json",
+        "--dtype",
+        dtype,
+        "--verify",
+        "batched",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["dtype"] == expected and report["verify"] == "batched"
@@ -163,10 +298,24 @@ def test_bad_verify_flag(capsys):
 def test_slower_auto_tree_hint_does_not_suggest_auto(capsys):
     from selfspec.cli import print_summary
 
-    report = {"new_tokens": 64, "wall_s": 5.0, "tokens_per_s": 12.8, "tau": 1.3, "steps": 50, "drafter": "default",
-              "hf_tokens_per_s": 20.0, "engine_tokens_per_s": 20.0, "speedup_vs_hf": 0.64, "speedup_vs_engine": 0.64,
-              "identical_to_hf": True, "tree_nodes": 3, "device": "cpu", "dtype": "bfloat16", "verify": "exact",
-              "tree": "auto"}
+    report = {
+        "new_tokens": 64,
+        "wall_s": 5.0,
+        "tokens_per_s": 12.8,
+        "tau": 1.3,
+        "steps": 50,
+        "drafter": "default",
+        "hf_tokens_per_s": 20.0,
+        "engine_tokens_per_s": 20.0,
+        "speedup_vs_hf": 0.64,
+        "speedup_vs_engine": 0.64,
+        "identical_to_hf": True,
+        "tree_nodes": 3,
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "verify": "exact",
+        "tree": "auto",
+    }
     print_summary(report)
     err = capsys.readouterr().err
     assert "made decoding slower" in err and "autotune.json" in err and "try --tree auto" not in err

@@ -37,8 +37,12 @@ def targets():
 
 
 def encode(tokenizer, prompt):
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
 
 
 def drafters(model, with_random):
@@ -69,18 +73,26 @@ def test_default_model_fp32_greedy_equals_hf(targets):
     """fp32 GEMMs here are not row-invariant at any shape, so exact verification computes every
     linear one row at a time: small trees keep the test short."""
     model, tokenizer = targets(torch.float32)
-    drafter = selfspec.load_drafter("default", model) if (SHIPPED_DRAFTERS / "default").is_dir() else \
-        randomized(selfspec.new_drafter("eagle", model), seed=2, std=0.02)
+    drafter = (
+        selfspec.load_drafter("default", model)
+        if (SHIPPED_DRAFTERS / "default").is_dir()
+        else randomized(selfspec.new_drafter("eagle", model), seed=2, std=0.02)
+    )
     for prompt in PROMPTS[:3]:
         ids = encode(tokenizer, prompt)
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
         for tree in (None, chain(2), 4):
-            out = selfspec.generate(model, ids, drafter=drafter if tree else None, max_new_tokens=48, tree=tree)
+            out = selfspec.generate(
+                model, ids, drafter=drafter if tree else None, max_new_tokens=48, tree=tree
+            )
             assert torch.equal(out.sequences, ref), f"tree {tree} differs from HF greedy on {prompt!r}"
 
 
-TREES = {"chain": chain(4), "wide": build_tree([(k,) for k in range(6)]),
-         "mixed": tree_from_parents([-1, 0, 0, 1, 1, 2, 3, 3, 4, 6, 6, 9, 0, 12, 13, 5])}
+TREES = {
+    "chain": chain(4),
+    "wide": build_tree([(k,) for k in range(6)]),
+    "mixed": tree_from_parents([-1, 0, 0, 1, 1, 2, 3, 3, 4, 6, 6, 9, 0, 12, 13, 5]),
+}
 
 
 @pytest.mark.parametrize("tree_name", sorted(TREES))
@@ -88,7 +100,9 @@ def test_default_model_bf16_every_node_equals_one_token_decoding(targets, tree_n
     model, tokenizer = targets(torch.bfloat16)
     tree = TREES[tree_name]
     for seed, prompt in enumerate(PROMPTS[:2]):
-        tokens = torch.randint(0, model.config.vocab_size, (tree.size,), generator=torch.Generator().manual_seed(seed))
+        tokens = torch.randint(
+            0, model.config.vocab_size, (tree.size,), generator=torch.Generator().manual_seed(seed)
+        )
         assert node_mismatches(model, encode(tokenizer, prompt)[0], tree, tokens) == []
 
 
@@ -97,5 +111,10 @@ def test_default_model_bf16_batched_verification_differs(targets):
     most nodes other bits than one-token decoding (this also shows the test above can fail)."""
     model, tokenizer = targets(torch.bfloat16)
     tree = TREES["mixed"]
-    tokens = torch.randint(0, model.config.vocab_size, (tree.size,), generator=torch.Generator().manual_seed(0))
-    assert len(node_mismatches(model, encode(tokenizer, PROMPTS[0])[0], tree, tokens, exact=False)) > tree.size // 2
+    tokens = torch.randint(
+        0, model.config.vocab_size, (tree.size,), generator=torch.Generator().manual_seed(0)
+    )
+    assert (
+        len(node_mismatches(model, encode(tokenizer, PROMPTS[0])[0], tree, tokens, exact=False))
+        > tree.size // 2
+    )

@@ -79,7 +79,10 @@ def test_mismatched_target_is_refused(tmp_path, other, field):
 
 def test_other_architecture_is_refused(tiny_models, tmp_path):
     selfspec.new_drafter("medusa", tiny_models("llama")).save_pretrained(tmp_path / "d")
-    with pytest.raises(ValueError, match="target_architecture='LlamaForCausalLM' but the target has target_architecture='Qwen2ForCausalLM'"):
+    with pytest.raises(
+        ValueError,
+        match="target_architecture='LlamaForCausalLM' but the target has target_architecture='Qwen2ForCausalLM'",
+    ):
         selfspec.load_drafter(tmp_path / "d", tiny_models("qwen2"))
 
 
@@ -131,7 +134,9 @@ def test_medusa_tree_deeper_than_heads_is_refused(tiny_models):
     model = tiny_models("llama")
     drafter = selfspec.new_drafter("medusa", model, num_heads=2)
     with pytest.raises(ValueError, match="exceeds the 2 Medusa heads"):
-        selfspec.generate(model, torch.tensor([[1, 2]]), drafter=drafter, tree=selfspec.chain(3), max_new_tokens=4)
+        selfspec.generate(
+            model, torch.tensor([[1, 2]]), drafter=drafter, tree=selfspec.chain(3), max_new_tokens=4
+        )
 
 
 def test_untrained_medusa_heads_start_as_identity(tiny_models):

@@ -13,7 +13,9 @@ def test_cpu_default_follows_native_bf16(native, expected):
     assert models.default_dtype(torch.device("cpu"), native_bf16=native) == expected
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)])
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(True, False, True), (False, True, True), (False, False, False)]
+)
 def test_native_bf16_detection_uses_torch_cpu_checks(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -34,8 +36,10 @@ def test_native_bf16_detection_falls_back_to_cpu_flags(monkeypatch, tmp_path):
     assert models.cpu_has_native_bf16() is False
 
 
-@pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), ("float32", torch.float32),
-                                              (torch.float64, torch.float64), (None, "policy")])
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [("bf16", torch.bfloat16), ("float32", torch.float32), (torch.float64, torch.float64), (None, "policy")],
+)
 def test_load_target_dtype(tiny_checkpoint, monkeypatch, dtype, expected):
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     model, _ = selfspec.load_target(str(tiny_checkpoint), dtype=dtype, device="cpu")

@@ -38,7 +38,9 @@ def rope(x, theta):  # x [heads, N, D], Llama rotate-half convention
     inv = theta ** (-torch.arange(half, dtype=torch.float64) / half)
     ang = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * inv[None]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    return torch.cat([x[..., :half] * cos - x[..., half:] * sin, x[..., half:] * cos + x[..., :half] * sin], -1)
+    return torch.cat(
+        [x[..., :half] * cos - x[..., half:] * sin, x[..., half:] * cos + x[..., :half] * sin], -1
+    )
 
 
 def llama_layer(w, i, cfg, x, residual, input_norm):
@@ -62,12 +64,18 @@ def attention(w, p, cfg, h):
     k = rope((h @ w[p + "self_attn.k_proj.weight"].T).view(n, nkv, hd).transpose(0, 1), cfg["rope_theta"])
     v = (h @ w[p + "self_attn.v_proj.weight"].T).view(n, nkv, hd).transpose(0, 1)
     k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)
-    a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0].transpose(0, 1).reshape(n, -1)
+    a = (
+        F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+        .transpose(0, 1)
+        .reshape(n, -1)
+    )
     return a @ w[p + "self_attn.o_proj.weight"].T
 
 
 def mlp(w, p, h):
-    return (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    return (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[
+        p + "mlp.down_proj.weight"
+    ].T
 
 
 def eagle1_reference(cfg, w, embeds, hidden):
@@ -85,7 +93,9 @@ def eagle3_reference(cfg, w, embeds, fused):
     returns the pre-norm state (what the next depth reads) and logits mapped to the target vocabulary."""
     eps, p = cfg["rms_norm_eps"], "midlayer."
     g = fused @ w["fc.weight"].T
-    x = torch.cat([rms(embeds, w[p + "input_layernorm.weight"], eps), rms(g, w[p + "hidden_norm.weight"], eps)], -1)
+    x = torch.cat(
+        [rms(embeds, w[p + "input_layernorm.weight"], eps), rms(g, w[p + "hidden_norm.weight"], eps)], -1
+    )
     n = x.shape[0]
     residual = attention(w, p, cfg, x) + g
     state = mlp(w, p, rms(residual, w[p + "post_attention_layernorm.weight"], eps)) + residual
@@ -130,16 +140,34 @@ def test_eagle_export_is_complete_and_exact(model, tmp_path, engine, arch):
     cfg, w = read(export(drafter, model, "eagle", tmp_path / "e", engine))
     c = drafter.config
     assert cfg["architectures"] == [arch] and cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 2
-    for key, value in (("hidden_size", 64), ("num_attention_heads", c.num_heads), ("num_key_value_heads", c.num_kv_heads),
-                       ("head_dim", c.head_dim), ("intermediate_size", c.intermediate_size), ("vocab_size", 256),
-                       ("rope_theta", c.rope_theta), ("rms_norm_eps", c.rms_norm_eps), ("hidden_act", "silu")):
+    for key, value in (
+        ("hidden_size", 64),
+        ("num_attention_heads", c.num_heads),
+        ("num_key_value_heads", c.num_kv_heads),
+        ("head_dim", c.head_dim),
+        ("intermediate_size", c.intermediate_size),
+        ("vocab_size", 256),
+        ("rope_theta", c.rope_theta),
+        ("rms_norm_eps", c.rms_norm_eps),
+        ("hidden_act", "silu"),
+    ):
         assert cfg[key] == value, key
-    layer = {"self_attn.q_proj.weight": (c.num_heads * c.head_dim, 64), "self_attn.k_proj.weight": (c.num_kv_heads * c.head_dim, 64),
-             "self_attn.v_proj.weight": (c.num_kv_heads * c.head_dim, 64), "self_attn.o_proj.weight": (64, c.num_heads * c.head_dim),
-             "mlp.gate_proj.weight": (c.intermediate_size, 64), "mlp.up_proj.weight": (c.intermediate_size, 64),
-             "mlp.down_proj.weight": (64, c.intermediate_size), "post_attention_layernorm.weight": (64,)}
-    want = {"fc.weight": (64, 128), "fc.bias": (64,), "layers.1.input_layernorm.weight": (64,),
-            **{f"layers.{i}.{k}": s for i in (0, 1) for k, s in layer.items()}}
+    layer = {
+        "self_attn.q_proj.weight": (c.num_heads * c.head_dim, 64),
+        "self_attn.k_proj.weight": (c.num_kv_heads * c.head_dim, 64),
+        "self_attn.v_proj.weight": (c.num_kv_heads * c.head_dim, 64),
+        "self_attn.o_proj.weight": (64, c.num_heads * c.head_dim),
+        "mlp.gate_proj.weight": (c.intermediate_size, 64),
+        "mlp.up_proj.weight": (c.intermediate_size, 64),
+        "mlp.down_proj.weight": (64, c.intermediate_size),
+        "post_attention_layernorm.weight": (64,),
+    }
+    want = {
+        "fc.weight": (64, 128),
+        "fc.bias": (64,),
+        "layers.1.input_layernorm.weight": (64,),
+        **{f"layers.{i}.{k}": s for i in (0, 1) for k, s in layer.items()},
+    }
     assert {k: tuple(v.shape) for k, v in w.items()} == want  # no layer-0 input norm, no embed/lm_head
     hidden = torch.randn(7, 64, dtype=torch.float64)
     tokens = torch.tensor([3, 1, 4, 1, 5, 9, 2])
@@ -157,14 +185,29 @@ def test_eagle3_export_is_complete_and_exact(model, tmp_path, vocab, lora):
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
     assert cfg["eagle_aux_hidden_state_layer_ids"] == c.fuse_layers == [2, 1, 0]
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == c.fuse_layers
-    assert (cfg["vocab_size"], cfg["draft_vocab_size"], cfg["norm_before_residual"]) == (256, vocab or 256, False)
+    assert (cfg["vocab_size"], cfg["draft_vocab_size"], cfg["norm_before_residual"]) == (
+        256,
+        vocab or 256,
+        False,
+    )
     qkv, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    want = {"fc.weight": (h, 3 * h), "norm.weight": (h,), "lm_head.weight": (vocab or 256, h), "d2t": (vocab or 256,),
-            "t2d": (256,), "midlayer.input_layernorm.weight": (h,), "midlayer.hidden_norm.weight": (h,),
-            "midlayer.self_attn.q_proj.weight": (qkv, 2 * h), "midlayer.self_attn.k_proj.weight": (kv, 2 * h),
-            "midlayer.self_attn.v_proj.weight": (kv, 2 * h), "midlayer.self_attn.o_proj.weight": (h, qkv),
-            "midlayer.post_attention_layernorm.weight": (h,), "midlayer.mlp.gate_proj.weight": (c.intermediate_size, h),
-            "midlayer.mlp.up_proj.weight": (c.intermediate_size, h), "midlayer.mlp.down_proj.weight": (h, c.intermediate_size)}
+    want = {
+        "fc.weight": (h, 3 * h),
+        "norm.weight": (h,),
+        "lm_head.weight": (vocab or 256, h),
+        "d2t": (vocab or 256,),
+        "t2d": (256,),
+        "midlayer.input_layernorm.weight": (h,),
+        "midlayer.hidden_norm.weight": (h,),
+        "midlayer.self_attn.q_proj.weight": (qkv, 2 * h),
+        "midlayer.self_attn.k_proj.weight": (kv, 2 * h),
+        "midlayer.self_attn.v_proj.weight": (kv, 2 * h),
+        "midlayer.self_attn.o_proj.weight": (h, qkv),
+        "midlayer.post_attention_layernorm.weight": (h,),
+        "midlayer.mlp.gate_proj.weight": (c.intermediate_size, h),
+        "midlayer.mlp.up_proj.weight": (c.intermediate_size, h),
+        "midlayer.mlp.down_proj.weight": (h, c.intermediate_size),
+    }
     assert {k: tuple(v.shape) for k, v in w.items()} == want
     assert int(w["t2d"].sum()) == (vocab or 256) and w["d2t"].dtype == torch.int64
     fused = torch.randn(7, 3 * h, dtype=torch.float64)
@@ -180,12 +223,20 @@ def test_eagle3_export_is_complete_and_exact(model, tmp_path, vocab, lora):
 
 @pytest.mark.parametrize("vocab, lora", [(0, False), (100, True)])
 def test_medusa_export_is_complete_and_exact(model, tmp_path, vocab, lora):
-    drafter = randomized(selfspec.new_drafter("medusa", model, num_heads=3, num_layers=2, draft_vocab_size=vocab),
-                         seed=5, std=0.1)
+    drafter = randomized(
+        selfspec.new_drafter("medusa", model, num_heads=3, num_layers=2, draft_vocab_size=vocab),
+        seed=5,
+        std=0.1,
+    )
     with_readout(drafter, vocab, lora)
     cfg, w = read(export(drafter, model, "medusa", tmp_path / "m"))
     assert cfg["architectures"] == ["MedusaModel"] and cfg["model_type"] == "medusa"
-    assert (cfg["num_heads"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]) == (3, 2, 64, 256)
+    assert (cfg["num_heads"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]) == (
+        3,
+        2,
+        64,
+        256,
+    )
     assert cfg["medusa_fc_bias"] and cfg["original_lm_head"] and cfg["truncated_vocab_size"] == (vocab or 256)
     names = {f"blocks.{i}.layers.{j}.{t}" for i in range(3) for j in range(2) for t in ("weight", "bias")}
     assert set(w) == names | {"lm_head.weight"} | ({"token_map"} if vocab else set())
@@ -205,7 +256,9 @@ def test_export_refusals(model, tmp_path):
         check_format("eagle3", "eagle")
     with pytest.raises(ValueError, match="fuses exactly 3 target layers"):
         export(selfspec.new_drafter("eagle3", model, fuse_layers=[1, 2]), model, "eagle3", tmp_path / "z")
-    with pytest.raises(ValueError, match="--format medusa exports medusa drafters, but this drafter is eagle"):
+    with pytest.raises(
+        ValueError, match="--format medusa exports medusa drafters, but this drafter is eagle"
+    ):
         check_format("eagle", "medusa")
     with pytest.raises(ValueError, match="SGLang has no Medusa support"):
         check_format("medusa", "medusa", "sglang")
@@ -218,10 +271,28 @@ def test_export_refusals(model, tmp_path):
 def test_export_cli(tmp_path, capsys):
     loaded, _ = selfspec.load_target(str(tiny_target_dir(tmp_path / "target")), device="cpu")
     selfspec.new_drafter("medusa", loaded).save_pretrained(tmp_path / "d")
-    code = main(["export", "--drafter", str(tmp_path / "d"), "--format", "medusa", "--out", str(tmp_path / "o"),
-                 "--model", str(tmp_path / "target"), "--dtype", "float16"])
+    code = main(
+        [
+            "export",
+            "--drafter",
+            str(tmp_path / "d"),
+            "--format",
+            "medusa",
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tmp_path / "target"),
+            "--dtype",
+            "float16",
+        ]
+    )
     assert code == 0 and read(tmp_path / "o")[1]["lm_head.weight"].dtype == torch.float16
     capsys.readouterr()
-    assert main(["export", "--drafter", str(tmp_path / "d"), "--format", "eagle3", "--out", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            ["export", "--drafter", str(tmp_path / "d"), "--format", "eagle3", "--out", str(tmp_path / "o2")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("selfspec: error: ") and "exports eagle3 drafters" in err[0]

@@ -89,7 +89,9 @@ def test_oracle_drafts_are_accepted_and_committed(tiny_models, arch, rank):
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(5))
     ref = hf_greedy(model, ids, 60)
     drafter = OracleDrafter(model, ref, ids.shape[1], rank)
-    tree = build_tree([(r,) for r in range(3)] + [(r, s) for r in range(3) for s in range(3)] + [(rank, rank, rank)])
+    tree = build_tree(
+        [(r,) for r in range(3)] + [(r, s) for r in range(3) for s in range(3)] + [(rank, rank, rank)]
+    )
     out = selfspec.generate(model, ids, drafter=drafter, tree=tree, max_new_tokens=60, eos_token_id=[])
     assert torch.equal(out.sequences, ref)
     # every step keeps the full depth (3 drafted + bonus) except possibly at the very end
@@ -116,7 +118,9 @@ def test_max_new_tokens_exact(tiny_models, max_new):
     model = tiny_models("qwen2")
     ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(8))
     drafter = OracleDrafter(model, hf_greedy(model, ids, max_new + 8), ids.shape[1], 0)
-    out = selfspec.generate(model, ids, drafter=drafter, tree=chain(5), max_new_tokens=max_new, eos_token_id=[])
+    out = selfspec.generate(
+        model, ids, drafter=drafter, tree=chain(5), max_new_tokens=max_new, eos_token_id=[]
+    )
     assert torch.equal(out.sequences, hf_greedy(model, ids, max_new))
     assert out.stats.new_tokens == max_new
 
@@ -126,9 +130,13 @@ def test_stats_are_consistent(tiny_models):
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(9))
     ref = hf_greedy(model, ids, 50)
     drafter = OracleDrafter(model, ref, ids.shape[1], 0)
-    s = selfspec.generate(model, ids, drafter=drafter, tree=chain(3), max_new_tokens=50, eos_token_id=[]).stats
+    s = selfspec.generate(
+        model, ids, drafter=drafter, tree=chain(3), max_new_tokens=50, eos_token_id=[]
+    ).stats
     assert sum(s.accepted_hist) == s.steps
-    assert s.mean_accepted_length == pytest.approx(sum(k * n for k, n in enumerate(s.accepted_hist)) / s.steps)
+    assert s.mean_accepted_length == pytest.approx(
+        sum(k * n for k, n in enumerate(s.accepted_hist)) / s.steps
+    )
     assert s.steps * s.mean_accepted_length >= s.new_tokens - 1  # first token comes from the prefill
     assert s.tokens_per_s > 0 and s.wall_s >= s.prefill_s > 0
     assert s.accepted_by_depth == sorted(s.accepted_by_depth, reverse=True)
@@ -164,7 +172,13 @@ def test_works_with_transformers_text_streamer(tiny_models, capsys):
 
     model = tiny_models("llama")
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(12))
-    out = selfspec.generate(model, ids, max_new_tokens=12, eos_token_id=[], streamer=TextStreamer(CharTokenizer(), skip_prompt=True))
+    out = selfspec.generate(
+        model,
+        ids,
+        max_new_tokens=12,
+        eos_token_id=[],
+        streamer=TextStreamer(CharTokenizer(), skip_prompt=True),
+    )
     printed = capsys.readouterr().out.strip()
     assert printed == CharTokenizer().decode(out.sequences[0, 5:].tolist())
 

@@ -15,7 +15,9 @@ from tests.test_generate import randomized
 @pytest.mark.parametrize("spec", [DynamicTree(depth=3, top_k=3, expand=2, budget=6), DynamicTree(budget=20)])
 def test_greedy_with_dynamic_trees_matches_hf(tiny_models, arch, kind, spec):
     model = tiny_models(arch)
-    drafter = randomized(selfspec.new_drafter(kind, model, **({"num_heads": 6} if kind == "medusa" else {})), seed=21)
+    drafter = randomized(
+        selfspec.new_drafter(kind, model, **({"num_heads": 6} if kind == "medusa" else {})), seed=21
+    )
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(22))
     out = selfspec.generate(model, ids, drafter=drafter, tree=spec, max_new_tokens=32, eos_token_id=[])
     assert torch.equal(out.sequences, hf_greedy(model, ids, 32))
@@ -27,7 +29,9 @@ def test_tree_arguments(tiny_models):
     drafter = selfspec.new_drafter("eagle", model)
     ids = torch.tensor([[1, 2, 3]])
     for tree in ("static", "dynamic", 5, None):
-        assert selfspec.generate(model, ids, drafter=drafter, tree=tree, max_new_tokens=4).stats.new_tokens == 4
+        assert (
+            selfspec.generate(model, ids, drafter=drafter, tree=tree, max_new_tokens=4).stats.new_tokens == 4
+        )
     with pytest.raises(ValueError, match="tree='bushy' is not understood"):
         selfspec.generate(model, ids, drafter=drafter, tree="bushy", max_new_tokens=4)
     with pytest.raises(ValueError, match="tree size must be >= 1"):
@@ -39,8 +43,18 @@ def test_seeded_sampling_is_reproducible(tiny_models, kind):
     model = tiny_models("llama")
     drafter = randomized(selfspec.new_drafter(kind, model), seed=23) if kind else None
     ids = torch.tensor([[5, 6, 7, 8]])
-    run = lambda seed: selfspec.generate(model, ids, drafter=drafter, max_new_tokens=24, temperature=1.0,
-                                         top_p=0.95, seed=seed, eos_token_id=[]).sequences
+    run = lambda seed: (
+        selfspec.generate(
+            model,
+            ids,
+            drafter=drafter,
+            max_new_tokens=24,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+            eos_token_id=[],
+        ).sequences
+    )
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
 
@@ -78,8 +92,16 @@ def test_sampled_output_follows_target_distribution():
     counts = torch.zeros(8, 8, dtype=torch.float64)
     drafted = torch.zeros(8, 8, dtype=torch.float64)
     for seed in range(draws):
-        out = selfspec.generate(model, ids, drafter=drafter, tree=DynamicTree(depth=2, top_k=3, expand=2, budget=6),
-                                max_new_tokens=2, temperature=1.0, seed=seed, eos_token_id=[])
+        out = selfspec.generate(
+            model,
+            ids,
+            drafter=drafter,
+            tree=DynamicTree(depth=2, top_k=3, expand=2, budget=6),
+            max_new_tokens=2,
+            temperature=1.0,
+            seed=seed,
+            eos_token_id=[],
+        )
         a, b = out.sequences[0, 3:].tolist()
         counts[a, b] += 1
     assert chi2_pvalue(counts, exact) > 1e-3
@@ -91,7 +113,11 @@ def test_sampled_output_follows_target_distribution():
             g = torch.Generator().manual_seed(seed)
             a = torch.multinomial(exact.sum(1), 1, generator=g).item()
             feats = target_features(model, torch.cat([ids, torch.tensor([[a]])], 1))
-            b = int(model.lm_head(drafter(feats.hidden[0, :-1], torch.cat([ids[0, 1:], torch.tensor([a])]))[-1]).argmax())
+            b = int(
+                model.lm_head(
+                    drafter(feats.hidden[0, :-1], torch.cat([ids[0, 1:], torch.tensor([a])]))[-1]
+                ).argmax()
+            )
             drafted[a, b] += 1
     assert chi2_pvalue(drafted, exact) < 1e-3
 
@@ -100,10 +126,20 @@ def test_typical_acceptance_runs_and_is_greedy_at_zero_temperature(tiny_models):
     model = tiny_models("llama")
     drafter = randomized(selfspec.new_drafter("medusa", model), seed=33)
     ids = torch.tensor([[9, 8, 7]])
-    out = selfspec.generate(model, ids, drafter=drafter, acceptance="typical", max_new_tokens=20, eos_token_id=[])
+    out = selfspec.generate(
+        model, ids, drafter=drafter, acceptance="typical", max_new_tokens=20, eos_token_id=[]
+    )
     assert torch.equal(out.sequences, hf_greedy(model, ids, 20))
-    sampled = selfspec.generate(model, ids, drafter=drafter, acceptance="typical", temperature=0.8, seed=1,
-                                max_new_tokens=20, eos_token_id=[])
+    sampled = selfspec.generate(
+        model,
+        ids,
+        drafter=drafter,
+        acceptance="typical",
+        temperature=0.8,
+        seed=1,
+        max_new_tokens=20,
+        eos_token_id=[],
+    )
     assert sampled.stats.new_tokens == 20
     with pytest.raises(ValueError, match="acceptance must be one of"):
         selfspec.generate(model, ids, acceptance="lenient", max_new_tokens=2)
@@ -122,14 +158,26 @@ def test_logits_processor_applies_to_every_node(tiny_models):
 
     drafter = randomized(selfspec.new_drafter("eagle", model), seed=34)
     for seed in range(3):
-        out = selfspec.generate(model, torch.tensor([[4, 4, 4]]), drafter=drafter, max_new_tokens=16, temperature=0.7,
-                                seed=seed, logits_processor=ban, eos_token_id=[])
+        out = selfspec.generate(
+            model,
+            torch.tensor([[4, 4, 4]]),
+            drafter=drafter,
+            max_new_tokens=16,
+            temperature=0.7,
+            seed=seed,
+            logits_processor=ban,
+            eos_token_id=[],
+        )
         assert banned not in out.sequences[0, 3:].tolist()
 
 
 def test_bad_sampling_values(tiny_models):
     model = tiny_models("llama")
-    for kwargs, message in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k")]:
+    for kwargs, message in [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+    ]:
         with pytest.raises(ValueError, match=message):
             selfspec.generate(model, torch.tensor([[1]]), max_new_tokens=2, **kwargs)
 
@@ -173,8 +221,11 @@ def test_auto_tree_picks_a_tree_when_it_pays(tiny_models, tmp_path, monkeypatch)
     monkeypatch.setenv("SELFSPEC_CACHE", str(tmp_path))
     model = tiny_models("llama")
     drafter = selfspec.new_drafter("eagle", model)
-    monkeypatch.setattr(autotune, "measure",
-                        lambda m, d, budgets, **k: {n: (0.1, 1.0) if n > 1 else (0.0, 1.0) for n in budgets})
+    monkeypatch.setattr(
+        autotune,
+        "measure",
+        lambda m, d, budgets, **k: {n: (0.1, 1.0) if n > 1 else (0.0, 1.0) for n in budgets},
+    )
     spec = autotune.auto_tree(model, drafter, budgets=(1, 4, 8))
     assert spec == DynamicTree.sized(8)  # same cost, more nodes, more tokens: the biggest wins
 
@@ -185,9 +236,13 @@ def test_auto_times_every_budget_in_the_requested_verification(tiny_models, monk
 
     seen = []
     real = autotune.TreeMask
-    monkeypatch.setattr(autotune, "TreeMask", lambda anc, backend, exact: seen.append(exact) or real(anc, backend, exact))
+    monkeypatch.setattr(
+        autotune, "TreeMask", lambda anc, backend, exact: seen.append(exact) or real(anc, backend, exact)
+    )
     model = tiny_models("llama")
-    autotune.measure(model, selfspec.new_drafter("eagle", model), budgets=(1, 2, 3, 6), repeats=1, verify=verify)
+    autotune.measure(
+        model, selfspec.new_drafter("eagle", model), budgets=(1, 2, 3, 6), repeats=1, verify=verify
+    )
     assert seen == [verify == "exact"] * 3  # one mask per drafting budget, each in the mode asked for
 
 

@@ -170,5 +170,7 @@ def test_probe_is_cached_and_the_shape_set_matches_it(tiny_models):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             n, k = module.weight.shape
-            invariant = row_invariant(n, k, module.bias is not None, module.weight.dtype, module.weight.device)
+            invariant = row_invariant(
+                n, k, module.bias is not None, module.weight.dtype, module.weight.device
+            )
             assert ((n, k) in shapes) == (not invariant)

@@ -15,9 +15,32 @@ from tests.test_training_utils import prompt_rows, tiny_target_dir, write_jsonl
 
 torch.set_num_threads(1)
 
-TINY = ["--held-out", "3", "--max-new-tokens", "12", "--steps", "6", "--batch-tokens", "128", "--max-param-fraction",
-        "0", "--tau-prompts", "1", "--tau-new-tokens", "8", "--checkpoint-every", "3", "--tree-nodes", "6",
-        "--tree-depth", "3", "--wandb", "disabled", "--distill-batch-size", "4"]
+TINY = [
+    "--held-out",
+    "3",
+    "--max-new-tokens",
+    "12",
+    "--steps",
+    "6",
+    "--batch-tokens",
+    "128",
+    "--max-param-fraction",
+    "0",
+    "--tau-prompts",
+    "1",
+    "--tau-new-tokens",
+    "8",
+    "--checkpoint-every",
+    "3",
+    "--tree-nodes",
+    "6",
+    "--tree-depth",
+    "3",
+    "--wandb",
+    "disabled",
+    "--distill-batch-size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +56,23 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "no training data"),
-    (["--data", "missing.jsonl"], "--data missing.jsonl: file not found"),
-    (["--data", "{data}", "--steps", "0"], "steps must be a positive integer"),
-    (["--data", "{data}", "--kind", "rnn"], "unknown drafter kind 'rnn'"),
-    (["--data", "{data}", "--lr", "-1"], "lr must be a positive number"),
-    (["--data", "{data}", "--data-format", "xml"], "unknown data format 'xml'"),
-    (["--data", "{data}", "--feature-dtype", "int8"], "feature dtype must be one of"),
-    (["--data", "{data}", "--temperature", "-2"], "temperature must be a finite number"),
-    (["--data", "{data}", "--held-out", "0"], "held_out must be >= 1"),
-    (["--data", "{data}", "--resume", "--overwrite"], "contradict"),
-    (["--data", "{data}", "--model", "not a model!"], "is neither 'default'"),
-    (["--data", "{data}", "--save-dtype", "int4"], "save dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "no training data"),
+        (["--data", "missing.jsonl"], "--data missing.jsonl: file not found"),
+        (["--data", "{data}", "--steps", "0"], "steps must be a positive integer"),
+        (["--data", "{data}", "--kind", "rnn"], "unknown drafter kind 'rnn'"),
+        (["--data", "{data}", "--lr", "-1"], "lr must be a positive number"),
+        (["--data", "{data}", "--data-format", "xml"], "unknown data format 'xml'"),
+        (["--data", "{data}", "--feature-dtype", "int8"], "feature dtype must be one of"),
+        (["--data", "{data}", "--temperature", "-2"], "temperature must be a finite number"),
+        (["--data", "{data}", "--held-out", "0"], "held_out must be >= 1"),
+        (["--data", "{data}", "--resume", "--overwrite"], "contradict"),
+        (["--data", "{data}", "--model", "not a model!"], "is neither 'default'"),
+        (["--data", "{data}", "--save-dtype", "int4"], "save dtype must be one of"),
+    ],
+)
 def test_bad_inputs_fail_in_one_line(setup, tmp_path, capsys, args, message):
     _, data = setup
     args = [a.replace("{data}", str(data)) for a in args]
@@ -76,36 +102,97 @@ def test_train_end_to_end_then_resume_needs_a_flag(setup, tmp_path, capsys):
     model, _ = selfspec.load_target(str(target), device="cpu")
     drafter = selfspec.load_drafter(out, model)
     assert drafter.config.tree == summary["calibration"]["tree"]
-    assert selfspec.generate(model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5).stats.new_tokens == 5
+    assert (
+        selfspec.generate(
+            model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5
+        ).stats.new_tokens
+        == 5
+    )
     capsys.readouterr()
     assert main(args) == 2  # the work dir holds a run: a silent restart would lose it
     assert "pass --resume to continue it or --overwrite" in one_error_line(capsys)
     assert main([*args, "--resume", "--steps", "8"]) == 0  # continue to 8 steps; caches reused
     summary = json.loads((out / "training.json").read_text())
-    assert summary["train"]["steps"] == 8 and summary["distill"]["cached"] == 14 and summary["distill"]["generated"] == 0
+    assert (
+        summary["train"]["steps"] == 8
+        and summary["distill"]["cached"] == 14
+        and summary["distill"]["generated"] == 0
+    )
 
 
 def test_train_eagle3_end_to_end_and_export(setup, tmp_path):
     target, data = setup
     out = tmp_path / "drafter3"
-    assert main(["train", "--model", str(target), "--data", str(data), "--out", str(out), "--kind", "eagle3", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(target),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--kind",
+                "eagle3",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     model, _ = selfspec.load_target(str(target), device="cpu")
     drafter = selfspec.load_drafter(out, model)
     assert drafter.kind == "eagle3" and drafter.config.fuse_layers == [2, 1, 0]
     settings = json.loads((out.parent / "drafter3.work" / "features" / "train" / "features.json").read_text())
     assert settings["extra_layers"] == [2, 1, 0]  # the fused layers were captured for training
-    assert selfspec.generate(model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5).stats.new_tokens == 5
-    assert main(["export", "--drafter", str(out), "--format", "eagle3", "--out", str(tmp_path / "x"),
-                 "--model", str(target)]) == 0
-    assert json.loads((tmp_path / "x" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert (
+        selfspec.generate(
+            model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5
+        ).stats.new_tokens
+        == 5
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--drafter",
+                str(out),
+                "--format",
+                "eagle3",
+                "--out",
+                str(tmp_path / "x"),
+                "--model",
+                str(target),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["architectures"] == [
+        "LlamaForCausalLMEagle3"
+    ]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 def test_same_command_under_torchrun_two_processes(setup, tmp_path):
     target, data = setup
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "selfspec.cli", "train", "--model", str(target), "--data", str(data), "--out", str(out), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "selfspec.cli",
+        "train",
+        "--model",
+        str(target),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *TINY,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,7 +209,9 @@ def test_train_help_explains_every_flag_with_preset_values():
     from selfspec.training.presets import PRESETS
 
     parser = build_parser()
-    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    train = next(
+        a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train")
+    )
     actions = {a.dest: a for a in train._actions}
     assert all(a.help for a in train._actions), [a.dest for a in train._actions if not a.help]
     for name, sections in PRESETS.items():

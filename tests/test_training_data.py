@@ -9,13 +9,37 @@ from selfspec.training.data import DataConfig, load_all, load_examples
 from tests.test_training_utils import write_jsonl
 
 SHAPES = [
-    ("sharegpt", {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
-                                    {"from": "gpt", "value": "hello"}, {"from": "human", "value": "more"}]},
-     (("system", "be brief"), ("user", "hi")), "hello"),
-    ("openai", {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-     (("user", "2+2?"),), "4"),
-    ("alpaca", {"instruction": "translate", "input": "chat", "output": "cat"}, (("user", "translate\n\nchat"),), "cat"),
-    ("alpaca", {"instruction": "write code", "input": "", "response": "print(1)"}, (("user", "write code"),), "print(1)"),
+    (
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "system", "value": "be brief"},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "hello"},
+                {"from": "human", "value": "more"},
+            ]
+        },
+        (("system", "be brief"), ("user", "hi")),
+        "hello",
+    ),
+    (
+        "openai",
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        (("user", "2+2?"),),
+        "4",
+    ),
+    (
+        "alpaca",
+        {"instruction": "translate", "input": "chat", "output": "cat"},
+        (("user", "translate\n\nchat"),),
+        "cat",
+    ),
+    (
+        "alpaca",
+        {"instruction": "write code", "input": "", "response": "print(1)"},
+        (("user", "write code"),),
+        "print(1)",
+    ),
     ("gsm8k", {"question": "3*3?", "answer": "9 #### 9"}, (("user", "3*3?"),), "9 #### 9"),
     ("prompt", {"prompt": "tell me"}, (("user", "tell me"),), None),
     ("prompt", {"text": "plain text"}, (("user", "plain text"),), None),
@@ -47,8 +71,10 @@ def test_text_file_is_one_prompt_per_line(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("first prompt\nsecond prompt\n")
     examples, report = load_examples(str(path), _cfg(path))
-    assert report.format == "prompt" and [e.messages for e in examples] == [(("user", "first prompt"),),
-                                                                           (("user", "second prompt"),)]
+    assert report.format == "prompt" and [e.messages for e in examples] == [
+        (("user", "first prompt"),),
+        (("user", "second prompt"),),
+    ]
 
 
 def test_unusable_rows_are_counted_by_reason(tmp_path):
@@ -61,8 +87,12 @@ def test_unusable_rows_are_counted_by_reason(tmp_path):
     ]
     examples, report = load_examples(str(path := write_jsonl(tmp_path / "s.jsonl", rows)), _cfg(path))
     assert len(examples) == 1 and report.rows == 5 and report.used == 1
-    assert report.skipped == {"conversation starts with an assistant turn": 1, "empty user turn": 1,
-                              "unknown role in conversation": 1, "no conversation turns": 1}
+    assert report.skipped == {
+        "conversation starts with an assistant turn": 1,
+        "empty user turn": 1,
+        "unknown role in conversation": 1,
+        "no conversation turns": 1,
+    }
     assert "1/5 rows used" in report.summary() and "unknown role" in report.summary()
 
 
@@ -112,10 +142,13 @@ def test_sampling_per_source_and_mixing_is_seeded(tmp_path):
     assert len(first) == 10 and [r.used for r in reports] == [5, 5]
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(format="csv"), "unknown data format 'csv'"),
-    (dict(max_per_source=-1), "max_per_source must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(format="csv"), "unknown data format 'csv'"),
+        (dict(max_per_source=-1), "max_per_source must be >= 0"),
+    ],
+)
 def test_bad_data_config(kw, message):
     with pytest.raises(ValueError, match=message):
         DataConfig(sources=["x.jsonl"], **kw)

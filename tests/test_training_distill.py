@@ -20,7 +20,10 @@ def target(tmp_path_factory):
 
 
 def examples(n=5):
-    return [Example(id=f"s:{i}", messages=(("user", "question " + "x" * i),), response=f"answer {i}") for i in range(n)]
+    return [
+        Example(id=f"s:{i}", messages=(("user", "question " + "x" * i),), response=f"answer {i}")
+        for i in range(n)
+    ]
 
 
 def test_batched_greedy_equals_one_by_one(target):
@@ -28,19 +31,26 @@ def test_batched_greedy_equals_one_by_one(target):
     prompts = [prompt_ids(tok, e) for e in examples(3)]
     batched = generate_batch(model, prompts, 12, SamplingConfig(), {257}, 257)
     for p, out in zip(prompts, batched):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=257, eos_token_id=257)
-        assert out == ref[0, len(p):].tolist()[: len(out)]
+        ref = model.generate(
+            torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=257, eos_token_id=257
+        )
+        assert out == ref[0, len(p) :].tolist()[: len(out)]
 
 
 def test_distill_writes_the_targets_greedy_replies(target, tmp_path):
     model, tok = target
     records, report = distill(model, tok, examples(), tmp_path, DistillConfig(max_new_tokens=8, batch_size=2))
     assert [r["id"] for r in records] == [f"s:{i}" for i in range(5)]
-    assert report.generated == 5 and report.cached == 0 and report.new_tokens == sum(len(r["response_ids"]) for r in records)
+    assert (
+        report.generated == 5
+        and report.cached == 0
+        and report.new_tokens == sum(len(r["response_ids"]) for r in records)
+    )
     r = records[0]
-    ref = model.generate(torch.tensor([r["prompt_ids"]]), max_new_tokens=8, do_sample=False, pad_token_id=257,
-                         eos_token_id=257)
-    assert r["response_ids"] == ref[0, len(r["prompt_ids"]):].tolist()[: len(r["response_ids"])]
+    ref = model.generate(
+        torch.tensor([r["prompt_ids"]]), max_new_tokens=8, do_sample=False, pad_token_id=257, eos_token_id=257
+    )
+    assert r["response_ids"] == ref[0, len(r["prompt_ids"]) :].tolist()[: len(r["response_ids"])]
     assert json.loads((tmp_path / "distill.json").read_text())["max_new_tokens"] == 8
 
 
@@ -63,7 +73,9 @@ def test_a_cache_made_with_other_settings_is_refused(target, tmp_path):
     distill(model, tok, examples(2), tmp_path, DistillConfig(max_new_tokens=4))
     with pytest.raises(ValueError, match="max_new_tokens=4, not 5"):
         distill(model, tok, examples(2), tmp_path, DistillConfig(max_new_tokens=5))
-    distill(model, tok, examples(3), tmp_path, DistillConfig(max_new_tokens=4, batch_size=7))  # batch size is free
+    distill(
+        model, tok, examples(3), tmp_path, DistillConfig(max_new_tokens=4, batch_size=7)
+    )  # batch size is free
 
 
 def test_sampled_replies_are_seeded(target, tmp_path):
@@ -71,7 +83,9 @@ def test_sampled_replies_are_seeded(target, tmp_path):
     cfg = DistillConfig(max_new_tokens=10, temperature=1.0, seed=7)
     a, _ = distill(model, tok, examples(3), tmp_path / "a", cfg)
     b, _ = distill(model, tok, examples(3), tmp_path / "b", cfg)
-    c, _ = distill(model, tok, examples(3), tmp_path / "c", DistillConfig(max_new_tokens=10, temperature=1.0, seed=8))
+    c, _ = distill(
+        model, tok, examples(3), tmp_path / "c", DistillConfig(max_new_tokens=10, temperature=1.0, seed=8)
+    )
     assert [r["response_ids"] for r in a] == [r["response_ids"] for r in b] != [r["response_ids"] for r in c]
 
 
@@ -79,17 +93,22 @@ def test_original_replies_and_long_prompts(target, tmp_path):
     model, tok = target
     ex = examples(3) + [Example(id="s:none", messages=(("user", "no reply"),))]
     limit = len(prompt_ids(tok, ex[2])) - 1  # s:2 has the longest prompt
-    records, report = distill(model, tok, ex, tmp_path, DistillConfig(use_original=True, max_prompt_tokens=limit))
+    records, report = distill(
+        model, tok, ex, tmp_path, DistillConfig(use_original=True, max_prompt_tokens=limit)
+    )
     assert report.skipped_no_reply == 1 and report.skipped_long == 1
     assert tok.decode(records[0]["response_ids"]) == "answer 0<|im_end|>\n"
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
-    (dict(top_p=0.0), "top_p must be in"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+    ],
+)
 def test_bad_distill_config(kw, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**kw)

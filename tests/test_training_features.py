@@ -66,10 +66,13 @@ def test_empty_cache_is_an_error(tmp_path):
         load(tmp_path)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(dtype="int8"), "feature dtype must be one of"),
-    (dict(max_tokens=0), "max_tokens must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(dtype="int8"), "feature dtype must be one of"),
+        (dict(max_tokens=0), "max_tokens must be >= 2"),
+    ],
+)
 def test_bad_feature_config(kw, message):
     with pytest.raises(ValueError, match=message):
         FeatureConfig(**kw)

@@ -15,8 +15,17 @@ from tests.test_training_utils import prompt_rows, tiny_target_dir, tiny_tokeniz
 torch.set_num_threads(1)
 EOS = 257
 # What the fake "target" writes for attempt i (None: it never ends the turn).
-SCRIPT = ["how do plants grow", "what is the tallest mountain", "hi", "  How do   PLANTS grow ", None,
-          "write a short poem about rain", "name three rivers in europe", "why is the sea salty", "ok then"]
+SCRIPT = [
+    "how do plants grow",
+    "what is the tallest mountain",
+    "hi",
+    "  How do   PLANTS grow ",
+    None,
+    "write a short poem about rain",
+    "name three rivers in europe",
+    "why is the sea salty",
+    "ok then",
+]
 
 
 def fake_generate(tok, seed, calls):
@@ -63,7 +72,9 @@ def test_kept_prompts_and_reasons(target, tmp_path, monkeypatch):
     monkeypatch.setattr(sp, "generate_batch", fake_generate(tok, 5, calls))
     examples, report = sp.write_prompts(model, tok, 8, tmp_path, batch_size=3, seed=5)
     assert [c.start for c in calls] == [0, 3, 6]  # whole windows of 3, the last one too:
-    assert len((tmp_path / "prompts.rank0.jsonl").read_text().splitlines()) == 9  # attempt 8 is kept for later
+    assert (
+        len((tmp_path / "prompts.rank0.jsonl").read_text().splitlines()) == 9
+    )  # attempt 8 is kept for later
     assert [e.id for e in examples] == ["self:0", "self:1", "self:5", "self:6", "self:7"]
     assert examples[0].messages == (("user", "how do plants grow"),)
     assert report.rows == 8 and report.used == 5
@@ -82,7 +93,9 @@ def test_cached_resumed_and_extended(target, tmp_path, monkeypatch):
     resumed, _ = sp.write_prompts(model, tok, 9, tmp_path / "b", batch_size=3)
     assert [c.start for c in calls] == [3, 6] and resumed == straight
     assert all(json.loads(line) for line in (tmp_path / "b" / "prompts.rank0.jsonl").read_text().splitlines())
-    monkeypatch.setattr(sp, "generate_batch", lambda *a, **k: pytest.fail("cached prompts were generated again"))
+    monkeypatch.setattr(
+        sp, "generate_batch", lambda *a, **k: pytest.fail("cached prompts were generated again")
+    )
     assert sp.write_prompts(model, tok, 9, tmp_path / "b", batch_size=3)[0] == straight
     with pytest.raises(ValueError, match="batch_size=3, not 4"):
         sp.write_prompts(model, tok, 9, tmp_path / "b", batch_size=4)
@@ -90,7 +103,9 @@ def test_cached_resumed_and_extended(target, tmp_path, monkeypatch):
 
 def test_nothing_usable_is_an_error(target, tmp_path, monkeypatch):
     model, tok = target
-    monkeypatch.setattr(sp, "generate_batch", lambda m, prompts, *a: [[104, 105] for _ in prompts])  # "hi", no end
+    monkeypatch.setattr(
+        sp, "generate_batch", lambda m, prompts, *a: [[104, 105] for _ in prompts]
+    )  # "hi", no end
     with pytest.raises(ValueError, match="no usable prompt.*did not end the turn"):
         sp.write_prompts(model, tok, 4, tmp_path, batch_size=2)
 
@@ -118,10 +133,39 @@ def test_train_with_self_prompts_end_to_end(chatty_target_dir, tmp_path, capsys,
     monkeypatch.setattr(sp, "MIN_WORDS", 1)
     data = write_jsonl(tmp_path / "data.jsonl", prompt_rows(8))
     out = tmp_path / "drafter"
-    args = ["train", "--model", str(chatty_target_dir), "--data", str(data), "--self-prompts", "6", "--out", str(out),
-            "--held-out", "3", "--max-new-tokens", "8", "--steps", "3", "--batch-tokens", "64", "--max-param-fraction",
-            "0", "--tau-prompts", "1", "--tau-new-tokens", "4", "--tree-nodes", "4", "--tree-depth", "2",
-            "--wandb", "disabled", "--distill-batch-size", "3"]
+    args = [
+        "train",
+        "--model",
+        str(chatty_target_dir),
+        "--data",
+        str(data),
+        "--self-prompts",
+        "6",
+        "--out",
+        str(out),
+        "--held-out",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--steps",
+        "3",
+        "--batch-tokens",
+        "64",
+        "--max-param-fraction",
+        "0",
+        "--tau-prompts",
+        "1",
+        "--tau-new-tokens",
+        "4",
+        "--tree-nodes",
+        "4",
+        "--tree-depth",
+        "2",
+        "--wandb",
+        "disabled",
+        "--distill-batch-size",
+        "3",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     summary = json.loads((out / "training.json").read_text())
     reports = {r["source"]: r for r in summary["data"]}

@@ -29,11 +29,23 @@ def greedy_sequences(target, layers=()):
     out = []
     for i in range(12):
         prompt = torch.randint(0, 256, (6,), generator=g)
-        ids = target.generate(prompt[None], max_new_tokens=26, do_sample=False, pad_token_id=0,
-                              attention_mask=torch.ones(1, 6, dtype=torch.long))[0]
+        ids = target.generate(
+            prompt[None],
+            max_new_tokens=26,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, 6, dtype=torch.long),
+        )[0]
         feats = selfspec.target_features(target, ids[None])
-        out.append(Sequence(id=f"s:{i}", ids=ids, hidden=feats.hidden[0].half(), prompt_len=6,
-                            layers=tuple(feats.layers[j][0].half() for j in layers)))
+        out.append(
+            Sequence(
+                id=f"s:{i}",
+                ids=ids,
+                hidden=feats.hidden[0].half(),
+                prompt_len=6,
+                layers=tuple(feats.layers[j][0].half() for j in layers),
+            )
+        )
     return out
 
 
@@ -59,8 +71,19 @@ def sequences3(peaked):
 
 
 def config(kind, **kw):
-    base = dict(kind=kind, steps=8, batch_tokens=96, lr=3e-3, warmup_steps=2, log_every=4, checkpoint_every=4,
-                max_param_fraction=0, tau_prompts=0, medusa_heads=3, unroll=2)
+    base = dict(
+        kind=kind,
+        steps=8,
+        batch_tokens=96,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=4,
+        checkpoint_every=4,
+        max_param_fraction=0,
+        tau_prompts=0,
+        medusa_heads=3,
+        unroll=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -70,8 +93,15 @@ def trainer(target, sequences, tmp_path, **kw):
 
 
 # ------------------------------------------------------------------------------- learning
-@pytest.mark.parametrize("kind, extra", [("medusa", {"lr": 2e-2}), ("eagle", {}), ("eagle", {"unroll": 3}),
-                                         ("eagle", {"draft_vocab_size": 64, "lora_rank": 4})])
+@pytest.mark.parametrize(
+    "kind, extra",
+    [
+        ("medusa", {"lr": 2e-2}),
+        ("eagle", {}),
+        ("eagle", {"unroll": 3}),
+        ("eagle", {"draft_vocab_size": 64, "lora_rank": 4}),
+    ],
+)
 def test_a_few_steps_lower_the_loss(target, sequences, tmp_path, kind, extra):
     t = trainer(target, sequences, tmp_path, kind=kind, steps=24, **extra)
     losses = [float(t.train_step()["loss"]) for _ in range(24)]
@@ -103,9 +133,14 @@ def test_target_stays_frozen(target, sequences, tmp_path):
 
 # ------------------------------------------------------------------ training-time test
 def test_unroll_mask_gives_each_node_its_prefix_and_chain():
-    pack = Pack(hidden=torch.zeros(5, 4), tokens=torch.zeros(5, dtype=torch.long),
-                seq=torch.tensor([0, 0, 0, 1, 1]), pos=torch.tensor([0, 1, 2, 0, 1]),
-                length=torch.tensor([3, 3, 3, 2, 2]), prompt_len=torch.zeros(5, dtype=torch.long))
+    pack = Pack(
+        hidden=torch.zeros(5, 4),
+        tokens=torch.zeros(5, dtype=torch.long),
+        seq=torch.tensor([0, 0, 0, 1, 1]),
+        pos=torch.tensor([0, 1, 2, 0, 1]),
+        length=torch.tensor([3, 3, 3, 2, 2]),
+        prompt_len=torch.zeros(5, dtype=torch.long),
+    )
     m = unroll_mask(pack, 2).int()
     # step 1, row 2 (sequence 0): step-0 rows <= 1, step-1 row 2 only
     assert m[5 + 2].tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 0, 0]
@@ -130,10 +165,18 @@ def test_unrolled_training_matches_inference_drafting(kind):
         bonus = out.logits[-1].argmax()[None]
         draft = drafter.propose(drafter.begin(64), out.hidden, torch.cat([prompt[1:], bonus]), tree)
     ids = torch.cat([prompt, draft.tokens])  # prompt, bonus, d1, d2, d3
-    hidden = torch.cat([out.hidden, torch.zeros(4, out.hidden.shape[1], dtype=out.hidden.dtype)])  # rows > p unused
+    hidden = torch.cat(
+        [out.hidden, torch.zeros(4, out.hidden.shape[1], dtype=out.hidden.dtype)]
+    )  # rows > p unused
     n, p = ids.numel(), prompt.numel() - 1
-    pack = Pack(hidden=hidden, tokens=ids, seq=torch.zeros(n, dtype=torch.long), pos=torch.arange(n),
-                length=torch.full((n,), n), prompt_len=torch.zeros(n, dtype=torch.long))
+    pack = Pack(
+        hidden=hidden,
+        tokens=ids,
+        seq=torch.zeros(n, dtype=torch.long),
+        pos=torch.arange(n),
+        length=torch.full((n,), n),
+        prompt_len=torch.zeros(n, dtype=torch.long),
+    )
     with torch.no_grad():
         _, outputs = unroll_no_grad(drafter, pack, drafter.lift(hidden), shifted(ids, 1), 3)
     for i in range(3):
@@ -152,8 +195,9 @@ def test_blockwise_no_grad_unroll_equals_the_one_pass_forward(target, sequences)
 
 
 # ------------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("kind, extra", [("medusa", {}), ("eagle", {"lora_rank": 4, "lora_dropout": 0.1,
-                                                                    "draft_vocab_size": 64})])
+@pytest.mark.parametrize(
+    "kind, extra", [("medusa", {}), ("eagle", {"lora_rank": 4, "lora_dropout": 0.1, "draft_vocab_size": 64})]
+)
 def test_kill_and_resume_is_bit_identical(target, sequences, tmp_path, kind, extra):
     straight = trainer(target, sequences, tmp_path / "a", kind=kind, **extra)
     straight.train()
@@ -202,14 +246,19 @@ def test_same_seed_same_result(target, sequences, tmp_path, kind):
 def test_calibration_installs_the_best_tree(target, sequences, tmp_path):
     t = trainer(target, sequences, tmp_path, steps=6)
     t.train()
-    cal = calibrate(t.drafter, target, sequences[:4], CalibrationConfig(tree_nodes=6, depth=3, top_k=4, batch_tokens=96))
+    cal = calibrate(
+        t.drafter, target, sequences[:4], CalibrationConfig(tree_nodes=6, depth=3, top_k=4, batch_tokens=96)
+    )
     assert cal.acceptance.shape == (3, 4) and bool((cal.acceptance.sum(-1) <= 1 + 1e-9).all())
     assert len(cal.paths) == 5 and t.drafter.config.tree == cal.paths and t.drafter.tree.size == 6
     # tree="auto" reads the measured acceptance from the saved config, not a prior
     assert torch.tensor(t.drafter.config.acceptance, dtype=torch.float64).allclose(cal.acceptance, atol=1e-6)
     t.drafter.save_pretrained(tmp_path / "d")
     loaded = selfspec.load_drafter(tmp_path / "d", target)
-    assert loaded.tree.paths() == t.drafter.tree.paths() and loaded.config.acceptance == t.drafter.config.acceptance
+    assert (
+        loaded.tree.paths() == t.drafter.tree.paths()
+        and loaded.config.acceptance == t.drafter.config.acceptance
+    )
 
 
 @pytest.mark.parametrize("vocab", [0, 64])
@@ -220,7 +269,9 @@ def test_lora_readout_save_load_gives_same_proposals(target, sequences, tmp_path
     assert lora and any(p.abs().sum() > 0 for n, p in t.drafter.named_parameters() if "lora_B" in n)
     t.drafter.save_pretrained(tmp_path / "d")
     files = sorted(p.name for p in (tmp_path / "d").iterdir())
-    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"} <= set(files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"} <= set(
+        files
+    )
     loaded = selfspec.load_drafter(tmp_path / "d", target)
     prompt = sequences[0].ids[:8]
     a = propose_once(target, t.drafter.eval(), prompt)
@@ -250,15 +301,18 @@ def test_wandb_offline_writes_locally_and_disabled_does_nothing(target, sequence
         TrainTracker("cloud", "p", tmp_path, {})
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(kind="lstm"), "unknown drafter kind 'lstm'"),
-    (dict(steps=0), "steps must be a positive integer"),
-    (dict(lr=-1.0), "lr must be a positive number"),
-    (dict(head_decay=1.5), r"head_decay must be in \[0, 1\]"),
-    (dict(noise=-0.1), "noise must be >= 0"),
-    (dict(feature_weight=0.0, token_weight=0.0), "nothing to learn"),
-    (dict(draft_vocab_size=-1), "draft_vocab_size must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(kind="lstm"), "unknown drafter kind 'lstm'"),
+        (dict(steps=0), "steps must be a positive integer"),
+        (dict(lr=-1.0), "lr must be a positive number"),
+        (dict(head_decay=1.5), r"head_decay must be in \[0, 1\]"),
+        (dict(noise=-0.1), "noise must be >= 0"),
+        (dict(feature_weight=0.0, token_weight=0.0), "nothing to learn"),
+        (dict(draft_vocab_size=-1), "draft_vocab_size must be >= 0"),
+    ],
+)
 def test_bad_train_config(kw, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kw)

@@ -28,8 +28,9 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHAT_TEMPLATE
+    )
 
 
 def tiny_target_dir(path: Path, seed: int = 0) -> Path:
@@ -47,12 +48,26 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-PROMPTS = ["add two numbers", "say hello", "count to five", "name a color", "write a poem", "spell cat",
-           "list three fruits", "what is rain", "why is the sky blue", "tell a joke", "sum 2 and 3", "greet me"]
+PROMPTS = [
+    "add two numbers",
+    "say hello",
+    "count to five",
+    "name a color",
+    "write a poem",
+    "spell cat",
+    "list three fruits",
+    "what is rain",
+    "why is the sky blue",
+    "tell a joke",
+    "sum 2 and 3",
+    "greet me",
+]
 
 
 def prompt_rows(n: int = 12) -> list[dict]:
-    return [{"instruction": PROMPTS[i % len(PROMPTS)] + f" #{i}", "input": "", "output": "ok"} for i in range(n)]
+    return [
+        {"instruction": PROMPTS[i % len(PROMPTS)] + f" #{i}", "input": "", "output": "ok"} for i in range(n)
+    ]
 
 
 def test_tiny_tokenizer_round_trip():

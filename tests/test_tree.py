@@ -54,7 +54,12 @@ def test_bad_paths(paths, message):
 
 @pytest.mark.parametrize(
     "parents, message",
-    [([0, 0], "node 0 must be the root"), ([-1, 1], "earlier node"), ([-1, 0, 3, 1], "earlier node"), ([], "non-empty")],
+    [
+        ([0, 0], "node 0 must be the root"),
+        ([-1, 1], "earlier node"),
+        ([-1, 0, 3, 1], "earlier node"),
+        ([], "non-empty"),
+    ],
 )
 def test_bad_parents(parents, message):
     with pytest.raises(ValueError, match=message):
@@ -108,7 +113,9 @@ def test_tree_from_acceptance_is_best_first(nodes):
 
     chosen = {p: value(p) for p in tree.paths()}
     # any node not chosen but whose parent is chosen (a frontier node) is worth no more than the worst chosen
-    frontier = [p + (k,) for p in [()] + list(chosen) for k in range(5) if len(p) < 4 and p + (k,) not in chosen]
+    frontier = [
+        p + (k,) for p in [()] + list(chosen) for k in range(5) if len(p) < 4 and p + (k,) not in chosen
+    ]
     if chosen and frontier:
         assert max(value(p) for p in frontier) <= min(chosen.values()) + 1e-12
 

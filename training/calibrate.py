@@ -24,8 +24,12 @@ from selfspec.tree import build_tree, tree_from_acceptance
 
 @dataclass
 class CalibrationConfig:
-    tree_nodes: int = dataclasses.field(default=24, metadata={"help": "node budget of the static tree, root included"})
-    depth: int = dataclasses.field(default=6, metadata={"help": "deepest level measured (Medusa: at most its heads)"})
+    tree_nodes: int = dataclasses.field(
+        default=24, metadata={"help": "node budget of the static tree, root included"}
+    )
+    depth: int = dataclasses.field(
+        default=6, metadata={"help": "deepest level measured (Medusa: at most its heads)"}
+    )
     top_k: int = dataclasses.field(default=8, metadata={"help": "candidate ranks measured per level"})
     batch_tokens: int = dataclasses.field(default=2048, metadata={"help": "rows per measuring batch"})
 
@@ -44,8 +48,10 @@ class Calibration:
 
     def summary(self) -> str:
         top1 = ", ".join(f"{a:.2f}" for a in self.acceptance[:, 0].tolist())
-        return (f"calibration: top-1 acceptance by depth [{top1}], tree of {len(self.paths) + 1} nodes "
-                f"(depth {max(map(len, self.paths), default=0)}), expected tau {self.expected_tau:.2f}")
+        return (
+            f"calibration: top-1 acceptance by depth [{top1}], tree of {len(self.paths) + 1} nodes "
+            f"(depth {max(map(len, self.paths), default=0)}), expected tau {self.expected_tau:.2f}"
+        )
 
 
 def _ranks(logits: torch.Tensor, target: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -77,12 +83,15 @@ def _medusa_ranks(drafter, pack: Pack, depth: int, top_k: int) -> list[torch.Ten
     ranks = []
     for k in range(depth):
         valid = (pack.pos + 2 + k < pack.length) & (pack.pos + 2 + k >= pack.prompt_len)
-        ranks.append(_ranks(drafter.lm_head(heads[valid, k]).float(), shifted(pack.tokens, 2 + k)[valid], top_k))
+        ranks.append(
+            _ranks(drafter.lm_head(heads[valid, k]).float(), shifted(pack.tokens, 2 + k)[valid], top_k)
+        )
     return ranks
 
 
-def measure_acceptance(drafter: selfspec.Drafter, model, sequences: list[Sequence],
-                       config: CalibrationConfig) -> tuple[torch.Tensor, list[int]]:
+def measure_acceptance(
+    drafter: selfspec.Drafter, model, sequences: list[Sequence], config: CalibrationConfig
+) -> tuple[torch.Tensor, list[int]]:
     """``acceptance [D, K]`` and the positions measured at each depth, on held-out ``sequences``."""
     depth = min(config.depth, len(drafter.heads)) if drafter.kind == "medusa" else config.depth
     counts = torch.zeros(depth, config.top_k + 1, dtype=torch.float64)  # last column: not in the top-k
@@ -119,17 +128,23 @@ def expected_tau(acceptance: torch.Tensor, paths: list[list[int]]) -> float:
     return total
 
 
-def calibrate(drafter: selfspec.Drafter, model, sequences: list[Sequence], config: CalibrationConfig) -> Calibration:
+def calibrate(
+    drafter: selfspec.Drafter, model, sequences: list[Sequence], config: CalibrationConfig
+) -> Calibration:
     """Measure acceptance on ``sequences`` with the drafter as it will be deployed (saved, reloaded
     in the target's dtype) and install the best static tree in ``drafter``."""
     with torch.random.fork_rng(devices=[]):
         deployed = deployable_copy(drafter, model)
     acceptance, positions = measure_acceptance(deployed, model, sequences, config)
     if min(positions) == 0:
-        raise ValueError(f"held-out data has no reply position at some depth (positions {positions}); "
-                         "hold out more or longer examples")
+        raise ValueError(
+            f"held-out data has no reply position at some depth (positions {positions}); "
+            "hold out more or longer examples"
+        )
     paths = [list(p) for p in tree_from_acceptance(acceptance, config.tree_nodes).paths()]
     drafter.config.tree = paths
-    drafter.config.acceptance = [[round(float(a), 6) for a in row] for row in acceptance.tolist()]  # tree="auto" reads it
+    drafter.config.acceptance = [
+        [round(float(a), 6) for a in row] for row in acceptance.tolist()
+    ]  # tree="auto" reads it
     drafter.tree = build_tree(paths)
     return Calibration(acceptance, positions, paths, expected_tau(acceptance, paths))

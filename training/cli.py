@@ -22,13 +22,24 @@ from selfspec.training.features import FeatureConfig
 from selfspec.training.presets import PRESETS, preset
 from selfspec.training.trainer import TrainConfig
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "distill": DistillConfig, "features": FeatureConfig,
-                             "train": TrainConfig, "calibrate": CalibrationConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "distill": DistillConfig,
+    "features": FeatureConfig,
+    "train": TrainConfig,
+    "calibrate": CalibrationConfig,
+}
 FLAG_NAMES = {  # (section, field) -> flag, where the plain field name would be ambiguous or unclear
-    ("data", "sources"): "data", ("data", "format"): "data-format", ("data", "cache_dir"): "datasets-cache",
-    ("distill", "batch_size"): "distill-batch-size", ("distill", "seed"): "distill-seed",
-    ("features", "max_tokens"): "max-feature-tokens", ("features", "batch_tokens"): "feature-batch-tokens",
-    ("features", "dtype"): "feature-dtype", ("calibrate", "depth"): "tree-depth", ("calibrate", "top_k"): "tree-top-k",
+    ("data", "sources"): "data",
+    ("data", "format"): "data-format",
+    ("data", "cache_dir"): "datasets-cache",
+    ("distill", "batch_size"): "distill-batch-size",
+    ("distill", "seed"): "distill-seed",
+    ("features", "max_tokens"): "max-feature-tokens",
+    ("features", "batch_tokens"): "feature-batch-tokens",
+    ("features", "dtype"): "feature-dtype",
+    ("calibrate", "depth"): "tree-depth",
+    ("calibrate", "top_k"): "tree-top-k",
     ("calibrate", "batch_tokens"): "calibrate-batch-tokens",
 }
 
@@ -50,11 +61,17 @@ def _dest(section: str, name: str) -> str:
 def _with_defaults(text: str | None, section: str, f: dataclasses.Field) -> str | None:
     """The field's help plus its default and what each preset sets it to, e.g. "(default: 2;
     quick: 2, full: 3)": presets change many values, and --help should show them."""
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    default = (
+        f.default
+        if f.default is not dataclasses.MISSING
+        else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    )
     parts = [] if default in (None, "", [], False) else [f"default: {default}"]
-    by_preset = [f"{name}: {values[section][f.name]}" for name, values in PRESETS.items()
-                 if f.name in values.get(section, {})]
+    by_preset = [
+        f"{name}: {values[section][f.name]}"
+        for name, values in PRESETS.items()
+        if f.name in values.get(section, {})
+    ]
     if by_preset:
         parts.append(", ".join(by_preset))
     if not parts:
@@ -62,13 +79,18 @@ def _with_defaults(text: str | None, section: str, f: dataclasses.Field) -> str 
     return f"{text or ''} ({'; '.join(parts)})".replace("%", "%%")
 
 
-def _add_fields(group: argparse._ArgumentGroup, section: str, cls: type, skip: set[str] = frozenset()) -> None:
+def _add_fields(
+    group: argparse._ArgumentGroup, section: str, cls: type, skip: set[str] = frozenset()
+) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kw: dict[str, Any] = {"dest": _dest(section, f.name), "default": argparse.SUPPRESS,
-                              "help": _with_defaults(f.metadata.get("help"), section, f)}
+        kw: dict[str, Any] = {
+            "dest": _dest(section, f.name),
+            "default": argparse.SUPPRESS,
+            "help": _with_defaults(f.metadata.get("help"), section, f),
+        }
         hint = hints[f.name]
         if hint is not bool:
             kw["metavar"] = f.name.upper()
@@ -86,12 +108,18 @@ def _add_fields(group: argparse._ArgumentGroup, section: str, cls: type, skip: s
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a drafter for a target model",
+        "train",
+        help="train a drafter for a target model",
         description="Self-distill the target on your prompts, cache its features, train a Medusa or EAGLE "
         "drafter, calibrate its tree on held-out data and save it for `selfspec generate --drafter OUT`. "
-        "Runs unchanged under `accelerate launch` / `torchrun` on several GPUs.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="bundle of settings: quick (CPU, ~30 min, default "
-                   "model) or full (GPU); flags you pass override it")
+        "Runs unchanged under `accelerate launch` / `torchrun` on several GPUs.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="bundle of settings: quick (CPU, ~30 min, default "
+        "model) or full (GPU); flags you pass override it",
+    )
     run = p.add_argument_group("run")
     _add_fields(run, "run", _run_config_class())
     for section, cls in SECTIONS.items():
@@ -122,8 +150,10 @@ def check_train(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from e
     args.settings = settings
     if not settings.data.sources and not settings.data.self_prompts:
-        raise UsageError("no training data; pass --data FILE_OR_DATASET (JSON/JSONL/TXT file or hub dataset name) "
-                         "or --self-prompts N (the target writes N prompts)")
+        raise UsageError(
+            "no training data; pass --data FILE_OR_DATASET (JSON/JSONL/TXT file or hub dataset name) "
+            "or --self-prompts N (the target writes N prompts)"
+        )
     for source in settings.data.sources:
         path = Path(source).expanduser()
         if path.suffix in (".json", ".jsonl", ".txt") and not path.is_file():
@@ -152,16 +182,27 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     from selfspec.training.export import ENGINES, FORMATS
 
     p = sub.add_parser(
-        "export", help="write a trained drafter in the layout vLLM / SGLang load",
+        "export",
+        help="write a trained drafter in the layout vLLM / SGLang load",
         description="Export a selfspec drafter: --format eagle (eagle drafters; EAGLE-1 layout: vLLM method=eagle, "
         "SGLang EAGLE), eagle3 (eagle3 drafters, from `selfspec train --kind eagle3`; vLLM method=eagle3, SGLang "
-        "EAGLE3), medusa (medusa drafters; vLLM method=medusa).")
+        "EAGLE3), medusa (medusa drafters; vLLM method=medusa).",
+    )
     p.add_argument("--drafter", required=True, help="'default' or a directory written by selfspec train")
     p.add_argument("--format", required=True, choices=FORMATS, help="checkpoint layout")
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
-    p.add_argument("--engine", default="vllm", choices=ENGINES, help="engine whose config naming to use (default: %(default)s)")
-    p.add_argument("--model", default="default", help="the target the drafter was trained for (default: %(default)s)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="stored dtype (default: as trained)")
+    p.add_argument(
+        "--engine",
+        default="vllm",
+        choices=ENGINES,
+        help="engine whose config naming to use (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model", default="default", help="the target the drafter was trained for (default: %(default)s)"
+    )
+    p.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], help="stored dtype (default: as trained)"
+    )
     p.set_defaults(run=run_export, check=check_export)
 
 

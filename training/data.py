@@ -28,8 +28,17 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("sharegpt", "openai", "alpaca", "gsm8k", "prompt")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-         "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 PROMPT_COLUMNS = ("prompt", "text", "turns")
 
 
@@ -57,23 +66,37 @@ class DataReport:
 
     def summary(self) -> str:
         why = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-        return f"{self.source} [{self.format}]: {self.used}/{self.rows} rows used" + (f" (skipped: {why})" if why else "")
+        return f"{self.source} [{self.format}]: {self.used}/{self.rows} rows used" + (
+            f" (skipped: {why})" if why else ""
+        )
 
 
 @dataclass
 class DataConfig:
     sources: list[str] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "local .json/.jsonl/.txt files or Hugging Face dataset names (NAME or NAME:CONFIG)"})
-    format: str = dataclasses.field(default="auto", metadata={"help": f"row shape: auto or one of {', '.join(FORMATS)}"})
+        metadata={
+            "help": "local .json/.jsonl/.txt files or Hugging Face dataset names (NAME or NAME:CONFIG)"
+        },
+    )
+    format: str = dataclasses.field(
+        default="auto", metadata={"help": f"row shape: auto or one of {', '.join(FORMATS)}"}
+    )
     split: str = dataclasses.field(default="train", metadata={"help": "dataset split to read (hub datasets)"})
     max_per_source: int = dataclasses.field(
-        default=0, metadata={"help": "use at most this many rows of each source (a seeded random sample); 0 = all"})
+        default=0,
+        metadata={"help": "use at most this many rows of each source (a seeded random sample); 0 = all"},
+    )
     cache_dir: str | None = dataclasses.field(
-        default=None, metadata={"help": "datasets cache directory (default: the datasets library's own)"})
+        default=None, metadata={"help": "datasets cache directory (default: the datasets library's own)"}
+    )
     self_prompts: int = dataclasses.field(
-        default=0, metadata={"help": "also let the target write this many prompts itself, after its chat "
-                                     "template's user-turn header (Magpie-style; with or without --data)"})
+        default=0,
+        metadata={
+            "help": "also let the target write this many prompts itself, after its chat "
+            "template's user-turn header (Magpie-style; with or without --data)"
+        },
+    )
 
     def __post_init__(self):
         if self.format != "auto" and self.format not in FORMATS:
@@ -88,15 +111,21 @@ class DataConfig:
 def detect_format(columns: list[str]) -> str:
     """The shape of a table from its column names; ValueError when none fits."""
     cols = set(columns)
-    for fmt, needed in (("sharegpt", "conversations"), ("openai", "messages"), ("alpaca", "instruction"),
-                        ("gsm8k", "question")):
+    for fmt, needed in (
+        ("sharegpt", "conversations"),
+        ("openai", "messages"),
+        ("alpaca", "instruction"),
+        ("gsm8k", "question"),
+    ):
         if needed in cols:
             return fmt
     if cols & set(PROMPT_COLUMNS):
         return "prompt"
-    raise ValueError(f"cannot tell the data format from columns {sorted(cols)}; expected one of: conversations "
-                     "(ShareGPT), messages (OpenAI), instruction (Alpaca), question (GSM8K), prompt/text/turns; "
-                     "or name it with --data-format")
+    raise ValueError(
+        f"cannot tell the data format from columns {sorted(cols)}; expected one of: conversations "
+        "(ShareGPT), messages (OpenAI), instruction (Alpaca), question (GSM8K), prompt/text/turns; "
+        "or name it with --data-format"
+    )
 
 
 def _text(value: Any, what: str) -> str:
@@ -159,7 +188,9 @@ def parse_row(row: dict[str, Any], fmt: str) -> tuple[list[tuple[str, str]], str
             if not isinstance(turns, list) or not turns:
                 raise Unusable("no turns")
             return [("user", _text(turns[0], "first turn"))], None
-        return [("user", _text(row.get("prompt", row.get("text")), "prompt"))], _optional(row, "response", "output")
+        return [("user", _text(row.get("prompt", row.get("text")), "prompt"))], _optional(
+            row, "response", "output"
+        )
     raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
@@ -176,14 +207,18 @@ def open_source(source: str, split: str = "train", cache_dir: str | None = None)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
         except Exception as e:
-            raise ValueError(f"cannot read {path} as {'text' if builder == 'text' else 'JSON or JSON Lines'}: "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise ValueError(
+                f"cannot read {path} as {'text' if builder == 'text' else 'JSON or JSON Lines'}: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from e
     name, _, config = source.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=split, cache_dir=cache_dir)
     except Exception as e:
-        raise ValueError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0] if str(e) else e!r}; "
-                         "check the name, the split, your network or HF_DATASETS_OFFLINE, or pass a local file") from e
+        raise ValueError(
+            f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0] if str(e) else e!r}; "
+            "check the name, the split, your network or HF_DATASETS_OFFLINE, or pass a local file"
+        ) from e
 
 
 def load_examples(source: str, config: DataConfig, seed: int = 0) -> tuple[list[Example], DataReport]:
@@ -206,21 +241,29 @@ def load_examples(source: str, config: DataConfig, seed: int = 0) -> tuple[list[
     report.used = len(examples)
     report.rows = len(order)
     if not examples:
-        raise ValueError(f"{source} has no usable row as {fmt} data ({report.summary()}; columns: "
-                         f"{table.column_names}); check --data-format or the file")
+        raise ValueError(
+            f"{source} has no usable row as {fmt} data ({report.summary()}; columns: "
+            f"{table.column_names}); check --data-format or the file"
+        )
     return examples, report
 
 
 def load_all(config: DataConfig, seed: int = 0) -> tuple[list[Example], list[DataReport]]:
     """Examples of every source, shuffled together with ``seed``."""
     if not config.sources and not config.self_prompts:
-        raise ValueError("no training data given; pass --data FILE_OR_DATASET (repeatable) or --self-prompts N")
+        raise ValueError(
+            "no training data given; pass --data FILE_OR_DATASET (repeatable) or --self-prompts N"
+        )
     examples, reports = [], []
     names = [Path(s).stem if Path(s).expanduser().exists() else s for s in config.sources]
     if len(set(names)) != len(names):
-        raise ValueError(f"two data sources share a name ({names}); example ids (name:row) would collide, rename one")
+        raise ValueError(
+            f"two data sources share a name ({names}); example ids (name:row) would collide, rename one"
+        )
     if config.self_prompts and "self" in names:
-        raise ValueError("a data source is named 'self', which --self-prompts uses for its example ids; rename it")
+        raise ValueError(
+            "a data source is named 'self', which --self-prompts uses for its example ids; rename it"
+        )
     for source in config.sources:
         found, report = load_examples(source, config, seed)
         examples += found

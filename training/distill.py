@@ -42,11 +42,17 @@ MANIFEST = "distill.json"
 class DistillConfig:
     max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "longest response generated"})
     batch_size: int = dataclasses.field(default=16, metadata={"help": "prompts decoded together"})
-    temperature: float = dataclasses.field(default=0.0, metadata={"help": "0 = greedy responses; > 0 samples"})
+    temperature: float = dataclasses.field(
+        default=0.0, metadata={"help": "0 = greedy responses; > 0 samples"}
+    )
     top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus filter when sampling"})
-    max_prompt_tokens: int = dataclasses.field(default=1024, metadata={"help": "longer prompts are skipped (counted)"})
+    max_prompt_tokens: int = dataclasses.field(
+        default=1024, metadata={"help": "longer prompts are skipped (counted)"}
+    )
     use_original: bool = dataclasses.field(
-        default=False, metadata={"help": "train on the dataset's own replies instead of the target's (not recommended)"})
+        default=False,
+        metadata={"help": "train on the dataset's own replies instead of the target's (not recommended)"},
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of sampled responses (per batch)"})
 
     def __post_init__(self):
@@ -68,9 +74,11 @@ class DistillReport:
 
     def summary(self) -> str:
         rate = self.new_tokens / self.seconds if self.seconds else 0.0
-        return (f"distill: {self.generated} generated + {self.cached} cached of {self.requested} prompts, "
-                f"{self.new_tokens} new tokens in {self.seconds:.0f}s ({rate:.1f} tok/s), "
-                f"skipped {self.skipped_long} too long, {self.skipped_no_reply} without reply")
+        return (
+            f"distill: {self.generated} generated + {self.cached} cached of {self.requested} prompts, "
+            f"{self.new_tokens} new tokens in {self.seconds:.0f}s ({rate:.1f} tok/s), "
+            f"skipped {self.skipped_long} too long, {self.skipped_no_reply} without reply"
+        )
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -89,7 +97,7 @@ def original_response_ids(tokenizer: Any, example: Example, prompt: list[int]) -
         chat = example.chat() + [{"role": "assistant", "content": example.response}]
         full = list(tokenizer.apply_chat_template(chat, return_dict=True)["input_ids"])
         if full[: len(prompt)] == prompt:
-            return full[len(prompt):]
+            return full[len(prompt) :]
     ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
@@ -116,12 +124,17 @@ def generate_batch(
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, width] positions skip the padding
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                   **{cache_argument(model): cache}).logits
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        logits_to_keep=1,
+        **{cache_argument(model): cache},
+    ).logits
     pos, alive, out = pos[:, -1:], torch.arange(n, device=device), [[] for _ in range(n)]
     for step in range(max_new_tokens):
         probs = warp_logits(logits[:, -1], sampling)  # [a, V]
@@ -138,8 +151,9 @@ def generate_batch(
             token, mask, pos, alive = token[keep], mask[keep], pos[keep], alive[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos,
-                       **{cache_argument(model): cache}).logits
+        logits = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=pos, **{cache_argument(model): cache}
+        ).logits
     return out
 
 
@@ -159,13 +173,17 @@ def _read_jsonl(path: Path, repair: bool) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i + 1} is not JSON ({e}); delete the file to regenerate it") from e
+            raise ValueError(
+                f"{path} line {i + 1} is not JSON ({e}); delete the file to regenerate it"
+            ) from e
     if torn and repair:
         atomic_write_text(path, "".join(line + "\n" for line in complete))
     return records
 
 
-def read_responses(work_dir: Path, own: Path | None = None, pattern: str = "responses.rank*.jsonl") -> dict[str, dict[str, Any]]:
+def read_responses(
+    work_dir: Path, own: Path | None = None, pattern: str = "responses.rank*.jsonl"
+) -> dict[str, dict[str, Any]]:
     """Every cached record of every shard, by example id (``own``: the caller's shard, repaired)."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(work_dir.glob(pattern)):
@@ -182,8 +200,10 @@ def check_manifest(work_dir: Path, settings: dict[str, Any], dist: Dist, name: s
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             key, (a, b) = next(iter(diff.items()))
-            raise ValueError(f"{work_dir} holds records made with {key}={a!r}, not {b!r}; "
-                             "use another --work-dir (or --overwrite) to regenerate")
+            raise ValueError(
+                f"{work_dir} holds records made with {key}={a!r}, not {b!r}; "
+                "use another --work-dir (or --overwrite) to regenerate"
+            )
     elif dist.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
@@ -201,8 +221,11 @@ def distill(
 ) -> tuple[list[dict[str, Any]], DistillReport]:
     """Responses for ``examples`` (cached ones reused); returns the records in ``examples`` order."""
     dist = dist or Dist.single()
-    settings = {"target": Path(getattr(model, "name_or_path", "") or "").name or type(model).__name__,
-                "vocab_size": int(model.get_output_embeddings().weight.shape[0]), **dataclasses.asdict(config)}
+    settings = {
+        "target": Path(getattr(model, "name_or_path", "") or "").name or type(model).__name__,
+        "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        **dataclasses.asdict(config),
+    }
     settings.pop("batch_size")  # batch size does not change what a response is
     check_manifest(work_dir, settings, dist)
     report = DistillReport(requested=len(examples))
@@ -220,15 +243,18 @@ def distill(
     return [done[e.id] for e in examples if e.id in done], report
 
 
-def _distill_shard(model, tokenizer, todo: list[Example], config: DistillConfig, sink, report: DistillReport,
-                   dist: Dist) -> None:
+def _distill_shard(
+    model, tokenizer, todo: list[Example], config: DistillConfig, sink, report: DistillReport, dist: Dist
+) -> None:
     """Generate ``todo`` batch by batch (shortest prompts together), appending to ``sink``."""
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p)
     eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
     pad = pad if pad is not None else min(eos, default=0)  # padded positions are masked: any id works
     encoded = [(e, prompt_ids(tokenizer, e)) for e in todo]
     report.skipped_long = sum(len(p) > config.max_prompt_tokens for _, p in encoded)
-    encoded = sorted(((e, p) for e, p in encoded if len(p) <= config.max_prompt_tokens), key=lambda ep: len(ep[1]))
+    encoded = sorted(
+        ((e, p) for e, p in encoded if len(p) <= config.max_prompt_tokens), key=lambda ep: len(ep[1])
+    )
     bar = progress(total=len(encoded), desc="distill", unit="prompt", disable=not dist.is_main)
     for lo in range(0, len(encoded), config.batch_size):
         batch = encoded[lo : lo + config.batch_size]
@@ -239,10 +265,16 @@ def _distill_shard(model, tokenizer, todo: list[Example], config: DistillConfig,
             batch, responses = kept, [original_response_ids(tokenizer, e, p) for e, p in kept]
         else:
             seed = config.seed ^ zlib.crc32(batch[0][0].id.encode())  # same batch, same draws after a resume
-            generator = torch.Generator(device=model.device).manual_seed(seed) if not sampling.greedy else None
-            responses = generate_batch(model, [p for _, p in batch], config.max_new_tokens, sampling, eos, pad, generator)
-        lines = [json.dumps({"id": e.id, "prompt_ids": p, "response_ids": r, "finished": bool(r) and r[-1] in eos})
-                 for (e, p), r in zip(batch, responses)]
+            generator = (
+                torch.Generator(device=model.device).manual_seed(seed) if not sampling.greedy else None
+            )
+            responses = generate_batch(
+                model, [p for _, p in batch], config.max_new_tokens, sampling, eos, pad, generator
+            )
+        lines = [
+            json.dumps({"id": e.id, "prompt_ids": p, "response_ids": r, "finished": bool(r) and r[-1] in eos})
+            for (e, p), r in zip(batch, responses)
+        ]
         sink.write("".join(line + "\n" for line in lines))
         sink.flush()
         os.fsync(sink.fileno())

@@ -59,7 +59,8 @@ EAGLE3_REFUSAL = (
     "this drafter is kind eagle (EAGLE-1 layer: it normalizes fc([h; e]) as one vector), but the EAGLE-3 layout "
     "normalizes the token embedding and a fused hidden state separately; no EAGLE-3 checkpoint computes the same "
     "function, so none is written. Export it with --format eagle (vLLM method=eagle, SGLang EAGLE), or train "
-    "with --kind eagle3 for an EAGLE-3 drafter")
+    "with --kind eagle3 for an EAGLE-3 drafter"
+)
 
 
 def check_format(kind: str, fmt: str, engine: str = "vllm") -> None:
@@ -105,25 +106,40 @@ def medusa_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, 
     if ids is not None:
         tensors["token_map"] = ids.detach().long()
     config = {
-        "architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": c.hidden_size,
-        "vocab_size": c.vocab_size, "num_heads": c.num_heads, "num_hidden_layers": c.num_layers,
-        "truncated_vocab_size": int(weight.shape[0]), "medusa_fc_bias": True, "original_lm_head": True,
-        "max_paths": len(drafter.tree.paths()), "topk": 10,
+        "architectures": ["MedusaModel"],
+        "model_type": "medusa",
+        "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size,
+        "num_heads": c.num_heads,
+        "num_hidden_layers": c.num_layers,
+        "truncated_vocab_size": int(weight.shape[0]),
+        "medusa_fc_bias": True,
+        "original_lm_head": True,
+        "max_paths": len(drafter.tree.paths()),
+        "topk": 10,
     }
     return config, tensors
 
 
 def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if drafter.vocab is not None and not isinstance(drafter.vocab, VocabProjection):
-        raise ValueError("this drafter has a LoRA read-out, but vLLM and SGLang EAGLE drafts read with the target's own "
-                         "lm_head; train without --lora-rank to export it")
+        raise ValueError(
+            "this drafter has a LoRA read-out, but vLLM and SGLang EAGLE drafts read with the target's own "
+            "lm_head; train without --lora-rank to export it"
+        )
     c, layer = drafter.config, drafter.layer
     h = c.hidden_size
     fc = drafter.fc.weight.detach()  # [H, 2H] over [h; e]
     tensors = {"fc.weight": torch.cat([fc[:, h:], fc[:, :h]], dim=1), "fc.bias": fc.new_zeros(h)}
-    names = {"self_attn.q_proj": layer.q_proj, "self_attn.k_proj": layer.k_proj, "self_attn.v_proj": layer.v_proj,
-             "self_attn.o_proj": layer.o_proj, "mlp.gate_proj": layer.gate_proj, "mlp.up_proj": layer.up_proj,
-             "mlp.down_proj": layer.down_proj}
+    names = {
+        "self_attn.q_proj": layer.q_proj,
+        "self_attn.k_proj": layer.k_proj,
+        "self_attn.v_proj": layer.v_proj,
+        "self_attn.o_proj": layer.o_proj,
+        "mlp.gate_proj": layer.gate_proj,
+        "mlp.up_proj": layer.up_proj,
+        "mlp.down_proj": layer.down_proj,
+    }
     for name, linear in names.items():  # layer 0 idles (zero output); layer 1 is the trained layer
         tensors[f"layers.0.{name}.weight"] = torch.zeros_like(linear.weight)
         tensors[f"layers.1.{name}.weight"] = linear.weight.detach()
@@ -132,14 +148,25 @@ def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any]
     tensors["layers.1.post_attention_layernorm.weight"] = layer.post_norm.weight.detach()
     target = model.config.get_text_config()
     config = {
-        "architectures": [EAGLE_ARCHITECTURE[engine]], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "num_hidden_layers": 2,
-        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "vocab_size": c.vocab_size,
+        "architectures": [EAGLE_ARCHITECTURE[engine]],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": 2,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "vocab_size": c.vocab_size,
         "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
         "tie_word_embeddings": bool(getattr(target, "tie_word_embeddings", False)),
-        "bos_token_id": getattr(target, "bos_token_id", None), "eos_token_id": getattr(target, "eos_token_id", None),
+        "bos_token_id": getattr(target, "bos_token_id", None),
+        "eos_token_id": getattr(target, "eos_token_id", None),
     }
     return config, tensors
 
@@ -147,8 +174,10 @@ def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any]
 def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     c, layer = drafter.config, drafter.layer
     if len(c.fuse_layers) != 3:
-        raise ValueError(f"the EAGLE-3 layout fuses exactly 3 target layers (fc is 3H wide); this drafter fuses "
-                         f"{len(c.fuse_layers)} ({c.fuse_layers})")
+        raise ValueError(
+            f"the EAGLE-3 layout fuses exactly 3 target layers (fc is 3H wide); this drafter fuses "
+            f"{len(c.fuse_layers)} ({c.fuse_layers})"
+        )
     if getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise ValueError("the target's lm_head has a bias, which the EAGLE-3 lm_head cannot hold")
     weight, ids = readout_weight(drafter, model)  # [Vd, H], [Vd] | None
@@ -160,33 +189,61 @@ def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, 
         d2t = ids - torch.arange(ids.numel())
         t2d = torch.zeros(vocab, dtype=torch.bool)
         t2d[ids] = True
-    tensors = {"fc.weight": drafter.fc.weight.detach(), "norm.weight": drafter.norm.weight.detach(),
-               "lm_head.weight": weight, "d2t": d2t, "t2d": t2d}
-    names = {"input_layernorm": layer.input_norm, "hidden_norm": layer.hidden_norm,
-             "self_attn.q_proj": layer.q_proj, "self_attn.k_proj": layer.k_proj, "self_attn.v_proj": layer.v_proj,
-             "self_attn.o_proj": layer.o_proj, "post_attention_layernorm": layer.post_norm,
-             "mlp.gate_proj": layer.gate_proj, "mlp.up_proj": layer.up_proj, "mlp.down_proj": layer.down_proj}
+    tensors = {
+        "fc.weight": drafter.fc.weight.detach(),
+        "norm.weight": drafter.norm.weight.detach(),
+        "lm_head.weight": weight,
+        "d2t": d2t,
+        "t2d": t2d,
+    }
+    names = {
+        "input_layernorm": layer.input_norm,
+        "hidden_norm": layer.hidden_norm,
+        "self_attn.q_proj": layer.q_proj,
+        "self_attn.k_proj": layer.k_proj,
+        "self_attn.v_proj": layer.v_proj,
+        "self_attn.o_proj": layer.o_proj,
+        "post_attention_layernorm": layer.post_norm,
+        "mlp.gate_proj": layer.gate_proj,
+        "mlp.up_proj": layer.up_proj,
+        "mlp.down_proj": layer.down_proj,
+    }
     for name, module in names.items():
         tensors[f"midlayer.{name}.weight"] = module.weight.detach()
     target = model.config.get_text_config()
     aux = [int(i) for i in c.fuse_layers]
     config = {
-        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": c.hidden_size,
-        "target_hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "num_hidden_layers": 1, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "vocab_size": vocab,
-        "draft_vocab_size": int(weight.shape[0]), "norm_before_residual": False,
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": c.hidden_size,
+        "target_hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": 1,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "vocab_size": vocab,
+        "draft_vocab_size": int(weight.shape[0]),
+        "norm_before_residual": False,
         "eagle_aux_hidden_state_layer_ids": aux,
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux, "use_aux_hidden_state": True},
         "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
         "tie_word_embeddings": False,
-        "bos_token_id": getattr(target, "bos_token_id", None), "eos_token_id": getattr(target, "eos_token_id", None),
+        "bos_token_id": getattr(target, "bos_token_id", None),
+        "eos_token_id": getattr(target, "eos_token_id", None),
     }
     return config, tensors
 
 
-def export(drafter: Any, model: Any, fmt: str, out: Path, engine: str = "vllm", dtype: str | None = None) -> Path:
+def export(
+    drafter: Any, model: Any, fmt: str, out: Path, engine: str = "vllm", dtype: str | None = None
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for ``fmt`` under ``out`` (atomically)."""
     check_format(drafter.kind, fmt, engine)
     if fmt == "medusa":
@@ -196,12 +253,22 @@ def export(drafter: Any, model: Any, fmt: str, out: Path, engine: str = "vllm", 
     else:
         config, tensors = eagle_tensors(drafter, model, engine)
     cast = getattr(torch, dtype) if dtype else None
-    tensors = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v).contiguous().cpu()
-               for k, v in tensors.items()}
-    config["torch_dtype"] = str(next(v for v in tensors.values() if v.is_floating_point()).dtype).removeprefix("torch.")
-    note = {"format": fmt, "engine": engine, "source_kind": drafter.kind, "tree": drafter.tree.paths(),
-            "dropped": ["draft vocabulary (engines draft over the full vocabulary)"]
-            if fmt == "eagle" and drafter.draft_ids is not None else []}
+    tensors = {
+        k: (v.to(cast) if cast is not None and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in tensors.items()
+    }
+    config["torch_dtype"] = str(
+        next(v for v in tensors.values() if v.is_floating_point()).dtype
+    ).removeprefix("torch.")
+    note = {
+        "format": fmt,
+        "engine": engine,
+        "source_kind": drafter.kind,
+        "tree": drafter.tree.paths(),
+        "dropped": ["draft vocabulary (engines draft over the full vocabulary)"]
+        if fmt == "eagle" and drafter.draft_ids is not None
+        else [],
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -39,12 +39,18 @@ SETTINGS = "features.json"
 @dataclass
 class FeatureConfig:
     max_tokens: int = dataclasses.field(
-        default=4_000_000, metadata={"help": "stop capturing after this many tokens (bounds the cache on disk)"})
+        default=4_000_000,
+        metadata={"help": "stop capturing after this many tokens (bounds the cache on disk)"},
+    )
     max_seq_len: int = dataclasses.field(default=2048, metadata={"help": "longer sequences are truncated"})
     batch_tokens: int = dataclasses.field(default=4096, metadata={"help": "padded tokens per target forward"})
-    dtype: str = dataclasses.field(default="float16", metadata={"help": f"storage dtype: {', '.join(DTYPES)}"})
+    dtype: str = dataclasses.field(
+        default="float16", metadata={"help": f"storage dtype: {', '.join(DTYPES)}"}
+    )
     extra_layers: list[int] = dataclasses.field(
-        default_factory=list, metadata={"help": "also store these layers' outputs (0 = embeddings), e.g. for fusion"})
+        default_factory=list,
+        metadata={"help": "also store these layers' outputs (0 = embeddings), e.g. for fusion"},
+    )
     shard_tokens: int = dataclasses.field(default=262_144, metadata={"help": "tokens per shard file"})
 
     def __post_init__(self):
@@ -67,9 +73,11 @@ class FeatureReport:
 
     def summary(self) -> str:
         rate = (self.tokens - self.cached_tokens) / self.seconds if self.seconds else 0.0
-        return (f"features: {self.sequences} sequences, {self.tokens} tokens ({self.cached_tokens} cached), "
-                f"{self.bytes_on_disk / 2**20:.1f} MiB on disk, {rate:.0f} tok/s; {self.truncated} truncated, "
-                f"{self.dropped_over_budget} over the token budget")
+        return (
+            f"features: {self.sequences} sequences, {self.tokens} tokens ({self.cached_tokens} cached), "
+            f"{self.bytes_on_disk / 2**20:.1f} MiB on disk, {rate:.0f} tok/s; {self.truncated} truncated, "
+            f"{self.dropped_over_budget} over the token budget"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,9 @@ class Sequence:
 
 
 # ----------------------------------------------------------------------------------- capture
-def _batches(items: list[tuple[str, list[int], int]], batch_tokens: int) -> Iterable[list[tuple[str, list[int], int]]]:
+def _batches(
+    items: list[tuple[str, list[int], int]], batch_tokens: int
+) -> Iterable[list[tuple[str, list[int], int]]]:
     """Groups of similar length whose padded size stays under ``batch_tokens``."""
     batch: list[tuple[str, list[int], int]] = []
     for item in sorted(items, key=lambda it: len(it[1])):
@@ -95,7 +105,9 @@ def _batches(items: list[tuple[str, list[int], int]], batch_tokens: int) -> Iter
 
 
 @torch.no_grad()
-def _forward(model: Any, batch: list[tuple[str, list[int], int]], config: FeatureConfig) -> list[dict[str, torch.Tensor]]:
+def _forward(
+    model: Any, batch: list[tuple[str, list[int], int]], config: FeatureConfig
+) -> list[dict[str, torch.Tensor]]:
     width = max(len(ids) for _, ids, _ in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -109,7 +121,9 @@ def _forward(model: Any, batch: list[tuple[str, list[int], int]], config: Featur
         for layer in config.extra_layers:
             row[f"layer{layer}"] = feats.layers[layer][i, :n].to("cpu", dtype)
         if not torch.isfinite(row["hidden"]).all():
-            raise ValueError(f"target hidden states overflow {config.dtype}; capture with --feature-dtype bfloat16 or float32")
+            raise ValueError(
+                f"target hidden states overflow {config.dtype}; capture with --feature-dtype bfloat16 or float32"
+            )
         out.append(row)
     return out
 
@@ -162,11 +176,17 @@ def capture(
     return report
 
 
-def _capture_shard(model, todo, directory: Path, config: FeatureConfig, dist: Dist, report: FeatureReport) -> None:
+def _capture_shard(
+    model, todo, directory: Path, config: FeatureConfig, dist: Dist, report: FeatureReport
+) -> None:
     start, rows, meta = time.perf_counter(), [], []
-    index = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in directory.glob(f"shard-r{dist.rank}-*.safetensors")),
-                    default=-1)
-    bar = progress(total=sum(len(ids) for _, ids, _ in todo), desc="features", unit="tok", disable=not dist.is_main)
+    index = 1 + max(
+        (int(p.stem.rsplit("-", 1)[1]) for p in directory.glob(f"shard-r{dist.rank}-*.safetensors")),
+        default=-1,
+    )
+    bar = progress(
+        total=sum(len(ids) for _, ids, _ in todo), desc="features", unit="tok", disable=not dist.is_main
+    )
     for batch in _batches(todo, config.batch_tokens):
         rows += _forward(model, batch, config)
         meta += [(sid, plen) for sid, _, plen in batch]
@@ -181,14 +201,20 @@ def _capture_shard(model, todo, directory: Path, config: FeatureConfig, dist: Di
 
 
 def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Dist) -> None:
-    settings = {"dtype": config.dtype, "extra_layers": list(config.extra_layers),
-                "hidden_size": int(model.config.get_text_config().hidden_size), "max_seq_len": config.max_seq_len}
+    settings = {
+        "dtype": config.dtype,
+        "extra_layers": list(config.extra_layers),
+        "hidden_size": int(model.config.get_text_config().hidden_size),
+        "max_seq_len": config.max_seq_len,
+    }
     path = directory / SETTINGS
     if path.is_file():
         old = json.loads(path.read_text())
         if old != settings:
-            raise ValueError(f"{directory} holds features captured with {old}, not {settings}; "
-                             "use another --work-dir (or --overwrite) to capture again")
+            raise ValueError(
+                f"{directory} holds features captured with {old}, not {settings}; "
+                "use another --work-dir (or --overwrite) to capture again"
+            )
     elif dist.is_main:
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
     dist.barrier()
@@ -222,7 +248,9 @@ def load(directory: Path, extra_layers: Iterable[int] = ()) -> list[Sequence]:
         for s, sid in enumerate(ids):
             a, b = off[s], off[s + 1]
             layers = tuple(t[f"layer{i}"][a:b] for i in extra_layers)
-            sequences.append(Sequence(sid, t["ids"][a:b].long(), t["hidden"][a:b], int(t["prompt_lens"][s]), layers))
+            sequences.append(
+                Sequence(sid, t["ids"][a:b].long(), t["hidden"][a:b], int(t["prompt_lens"][s]), layers)
+            )
     if not sequences:
         raise ValueError(f"no cached features under {directory}; run the feature stage first")
     return sequences

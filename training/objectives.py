@@ -50,8 +50,10 @@ class Pack:
         if tuple(drafter.feature_layers) == (-1,):
             return self.hidden
         if self.fused is None:
-            raise ValueError(f"a {drafter.kind} drafter reads target layers {list(drafter.feature_layers)}, but these "
-                             "features were cached without them; capture them (the pipeline does for eagle3)")
+            raise ValueError(
+                f"a {drafter.kind} drafter reads target layers {list(drafter.feature_layers)}, but these "
+                "features were cached without them; capture them (the pipeline does for eagle3)"
+            )
         return self.fused
 
     @property
@@ -76,8 +78,10 @@ def unroll_rows(pack: Pack, i: int, blocks: int) -> torch.Tensor:
     rows = torch.arange(pack.rows, device=pack.seq.device)
     same = pack.seq[:, None] == pack.seq[None, :]  # [L, L]
     diff = rows[:, None] - rows[None, :]  # t - s
-    parts = [same & (diff >= i) if j == 0 else same & (diff == i - j) if j <= i else torch.zeros_like(same)
-             for j in range(blocks)]
+    parts = [
+        same & (diff >= i) if j == 0 else same & (diff == i - j) if j <= i else torch.zeros_like(same)
+        for j in range(blocks)
+    ]
     return torch.cat(parts, dim=1)
 
 
@@ -87,18 +91,23 @@ def unroll_mask(pack: Pack, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def unroll_no_grad(drafter: nn.Module, pack: Pack, hidden: torch.Tensor, next_tokens: torch.Tensor,
-                   steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def unroll_no_grad(
+    drafter: nn.Module, pack: Pack, hidden: torch.Tensor, next_tokens: torch.Tensor, steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the EAGLE layer ``steps`` unrolled steps without gradients, one block at a time through a
     drafter KV store. Returns the input features of steps 0..steps (``[L, H]`` each; step 0 is
     ``hidden``) and the outputs of steps 0..steps-1."""
     n, c = pack.rows, drafter.config
-    store = KVStore(1, c.num_kv_heads, c.head_dim, max(steps, 1) * n, dtype=hidden.dtype, device=hidden.device)
+    store = KVStore(
+        1, c.num_kv_heads, c.head_dim, max(steps, 1) * n, dtype=hidden.dtype, device=hidden.device
+    )
     inputs, outputs = [hidden], []  # hidden: the root step's state (EAGLE-3: already lifted by fc)
     for i in range(steps):
         x = drafter.step_input(inputs[i], next_tokens)
         out = drafter.layer(x, pack.pos, store, offset=i * n, mask=unroll_rows(pack, i, i + 1))  # [L, H]
-        prev = torch.cat([out.new_zeros(1, out.shape[1]), out[:-1]])  # row t <- the prediction made at row t-1
+        prev = torch.cat(
+            [out.new_zeros(1, out.shape[1]), out[:-1]]
+        )  # row t <- the prediction made at row t-1
         inputs.append(prev * (pack.pos > 0)[:, None].to(prev.dtype))
         outputs.append(out)
     return inputs, outputs
@@ -153,8 +162,16 @@ class MedusaObjective(nn.Module):
 
 
 class EagleObjective(nn.Module):
-    def __init__(self, drafter: nn.Module, readout: TargetReadout, unroll: int, feature_weight: float,
-                 token_weight: float, step_decay: float, loss_on_prompt: bool):
+    def __init__(
+        self,
+        drafter: nn.Module,
+        readout: TargetReadout,
+        unroll: int,
+        feature_weight: float,
+        token_weight: float,
+        step_decay: float,
+        loss_on_prompt: bool,
+    ):
         super().__init__()
         self.drafter, self.readout = drafter, readout
         self.unroll, self.step_decay = unroll, step_decay
@@ -169,7 +186,9 @@ class EagleObjective(nn.Module):
         target_h = shifted(hidden, 1)  # h_{t+1}
         with torch.no_grad():
             target_p = self.readout(target_h).softmax(-1)  # [L, Vd] the target's distribution at t+1
-        root = d.lift(pack.drafter_input(d).to(dtype) + noise.to(dtype))  # EAGLE-3: fc(fused) keeps its gradient
+        root = d.lift(
+            pack.drafter_input(d).to(dtype) + noise.to(dtype)
+        )  # EAGLE-3: fc(fused) keeps its gradient
         inputs, _ = unroll_no_grad(d, pack, root.detach(), next_tokens, k - 1)
         inputs[0] = root
         x = d.step_input(torch.cat(inputs), next_tokens.repeat(k))
@@ -181,7 +200,11 @@ class EagleObjective(nn.Module):
             valid = has_next & in_reply & (pack.pos >= i)
             cnt = valid.sum()
             if d.regresses_features:
-                feat = F.smooth_l1_loss(out[i][valid].float(), target_h[valid].float(), reduction="none").mean(-1).sum()
+                feat = (
+                    F.smooth_l1_loss(out[i][valid].float(), target_h[valid].float(), reduction="none")
+                    .mean(-1)
+                    .sum()
+                )
             else:  # EAGLE-3: its output is a state of its own, scored through the tokens only
                 feat = out.new_zeros((), dtype=torch.float32)
             logp = d.draft_logits(out[i][valid]).float().log_softmax(-1)

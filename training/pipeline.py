@@ -38,15 +38,31 @@ SAVE_DTYPES = ("float16", "bfloat16", "float32")
 @dataclass
 class RunConfig:
     out: str = dataclasses.field(default="", metadata={"help": "directory the trained drafter is saved to"})
-    work_dir: str = dataclasses.field(default="", metadata={"help": "caches and checkpoints (default: OUT.work)"})
-    model: str = dataclasses.field(default="default", metadata={"help": "target model: default, hub id, dir, .gguf"})
-    dtype: str | None = dataclasses.field(default=None, metadata={"help": "target dtype (default: fp32 CPU, bf16 CUDA)"})
-    held_out: int = dataclasses.field(default=24, metadata={"help": "examples kept out of training (calibration, tau)"})
-    save_dtype: str = dataclasses.field(default="float16", metadata={"help": f"stored weight dtype: {', '.join(SAVE_DTYPES)}"})
-    wandb: str = dataclasses.field(default="offline", metadata={"help": "W&B mode: offline, online, disabled"})
+    work_dir: str = dataclasses.field(
+        default="", metadata={"help": "caches and checkpoints (default: OUT.work)"}
+    )
+    model: str = dataclasses.field(
+        default="default", metadata={"help": "target model: default, hub id, dir, .gguf"}
+    )
+    dtype: str | None = dataclasses.field(
+        default=None, metadata={"help": "target dtype (default: fp32 CPU, bf16 CUDA)"}
+    )
+    held_out: int = dataclasses.field(
+        default=24, metadata={"help": "examples kept out of training (calibration, tau)"}
+    )
+    save_dtype: str = dataclasses.field(
+        default="float16", metadata={"help": f"stored weight dtype: {', '.join(SAVE_DTYPES)}"}
+    )
+    wandb: str = dataclasses.field(
+        default="offline", metadata={"help": "W&B mode: offline, online, disabled"}
+    )
     wandb_project: str = dataclasses.field(default="selfspec", metadata={"help": "W&B project"})
-    resume: bool = dataclasses.field(default=False, metadata={"help": "continue an interrupted run in WORK_DIR"})
-    overwrite: bool = dataclasses.field(default=False, metadata={"help": "delete WORK_DIR's caches and start over"})
+    resume: bool = dataclasses.field(
+        default=False, metadata={"help": "continue an interrupted run in WORK_DIR"}
+    )
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "delete WORK_DIR's caches and start over"}
+    )
 
     def __post_init__(self):
         if not self.out:
@@ -77,8 +93,10 @@ def check_work_dir(run: RunConfig) -> None:
     """A work dir with checkpoints needs --resume or --overwrite (never a silent restart)."""
     latest = Path(run.work_dir) / "checkpoints" / "latest"
     if latest.is_file() and not (run.resume or run.overwrite):
-        raise ValueError(f"{run.work_dir} holds a training run ({latest.read_text().strip()}); "
-                         "pass --resume to continue it or --overwrite to start over")
+        raise ValueError(
+            f"{run.work_dir} holds a training run ({latest.read_text().strip()}); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
 
 
 def save_drafter(drafter: selfspec.Drafter, out: Path, dtype: str) -> Path:
@@ -89,7 +107,10 @@ def save_drafter(drafter: selfspec.Drafter, out: Path, dtype: str) -> Path:
 
     drafter.save_pretrained(out)
     path = out / WEIGHTS_NAME
-    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    state = {
+        k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+        for k, v in load_file(str(path)).items()
+    }
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"kind": drafter.kind})
     tmp.replace(path)
@@ -113,8 +134,15 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
     """Load the examples, self-distill them, capture features; returns what training needs."""
     examples, reports = load_all(s.data, seed=s.train.seed)
     if s.data.self_prompts:
-        written, report = write_prompts(model, tokenizer, s.data.self_prompts, work / "self_prompts",
-                                        s.distill.batch_size, seed=s.train.seed, dist=dist)
+        written, report = write_prompts(
+            model,
+            tokenizer,
+            s.data.self_prompts,
+            work / "self_prompts",
+            s.distill.batch_size,
+            seed=s.train.seed,
+            dist=dist,
+        )
         examples, reports = examples + written, reports + [report]
         random.Random(s.train.seed).shuffle(examples)  # held-out examples come from every source
     for r in reports:
@@ -125,39 +153,69 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
     held_ids = {e.id for e in held_ex}
     items = list(sequences(records))
     fused = fused_layers(s.train.kind, model)  # EAGLE-3 reads these target layers as well
-    fconfig = dataclasses.replace(s.features, extra_layers=list(dict.fromkeys([*s.features.extra_layers, *fused])))
-    freport = feats.capture(model, [i for i in items if i[0] not in held_ids], work / "features" / "train", fconfig, dist)
-    hreport = feats.capture(model, [i for i in items if i[0] in held_ids], work / "features" / "held_out", fconfig, dist)
+    fconfig = dataclasses.replace(
+        s.features, extra_layers=list(dict.fromkeys([*s.features.extra_layers, *fused]))
+    )
+    freport = feats.capture(
+        model, [i for i in items if i[0] not in held_ids], work / "features" / "train", fconfig, dist
+    )
+    hreport = feats.capture(
+        model, [i for i in items if i[0] in held_ids], work / "features" / "held_out", fconfig, dist
+    )
     _say(dist, freport.summary())
     return {
         "train": feats.load(work / "features" / "train", fused),
         "held_out": feats.load(work / "features" / "held_out", fused),
         "tau_prompts": [r["prompt_ids"] for r in records if r["id"] in held_ids],
-        "reports": {"data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
-                    "distill": dataclasses.asdict(dreport), "features": dataclasses.asdict(freport),
-                    "held_out_features": dataclasses.asdict(hreport)},
+        "reports": {
+            "data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
+            "distill": dataclasses.asdict(dreport),
+            "features": dataclasses.asdict(freport),
+            "held_out_features": dataclasses.asdict(hreport),
+        },
     }
 
 
-def _finish(s: Settings, trainer: Trainer, result: Any, data: dict[str, Any], model: Any, started: float) -> dict[str, Any]:
+def _finish(
+    s: Settings, trainer: Trainer, result: Any, data: dict[str, Any], model: Any, started: float
+) -> dict[str, Any]:
     """Calibrate the tree on held-out data, measure tau with it, save the drafter and the summary."""
     out, drafter = Path(s.run.out), trainer.drafter
     cal = calibrate(drafter, model, data["held_out"], s.calibrate)
     _say(trainer.dist, cal.summary())
-    tau = measure_tau(model, drafter, data["tau_prompts"][: max(1, s.train.tau_prompts)], s.train.tau_new_tokens)
+    tau = measure_tau(
+        model, drafter, data["tau_prompts"][: max(1, s.train.tau_prompts)], s.train.tau_new_tokens
+    )
     save_drafter(drafter, out, s.run.save_dtype)
     summary = {
-        "out": str(out), "kind": drafter.kind, "own_parameters": drafter.num_parameters_own(), **data["reports"],
-        "train": {"steps": result.step, "seconds": round(result.seconds, 1), "tokens_per_s": round(result.tokens_per_s, 1),
-                  "final": result.metrics, "tau": result.tau},
-        "calibration": {"acceptance": cal.acceptance.tolist(), "positions": cal.positions, "tree": cal.paths,
-                        "expected_tau": cal.expected_tau},
-        "tau_calibrated_tree": tau, "wall_s": round(time.perf_counter() - started, 1), "settings": s.to_dict(),
+        "out": str(out),
+        "kind": drafter.kind,
+        "own_parameters": drafter.num_parameters_own(),
+        **data["reports"],
+        "train": {
+            "steps": result.step,
+            "seconds": round(result.seconds, 1),
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "final": result.metrics,
+            "tau": result.tau,
+        },
+        "calibration": {
+            "acceptance": cal.acceptance.tolist(),
+            "positions": cal.positions,
+            "tree": cal.paths,
+            "expected_tau": cal.expected_tau,
+        },
+        "tau_calibrated_tree": tau,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "settings": s.to_dict(),
     }
     atomic_write_text(out / "training.json", json.dumps(summary, indent=2, default=str) + "\n")
     trainer.tracker.summary({"tau_calibrated_tree": tau, "expected_tau": cal.expected_tau})
-    _say(trainer.dist, f"saved {drafter.kind} drafter ({drafter.num_parameters_own():,} parameters) to {out}; "
-                       f"held-out tau {tau:.2f} with the calibrated tree")
+    _say(
+        trainer.dist,
+        f"saved {drafter.kind} drafter ({drafter.num_parameters_own():,} parameters) to {out}; "
+        f"held-out tau {tau:.2f} with the calibrated tree",
+    )
     return summary
 
 
@@ -168,7 +226,9 @@ def run(settings: Settings) -> dict[str, Any]:
 
     s, started, work = settings, time.perf_counter(), Path(settings.run.work_dir)
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision="bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    )
     dist = Dist.from_accelerator(accelerator)
     # Training keeps fp32 on CPU (the drafter trains in the target's dtype); load_target's own CPU
     # default is bf16 where the CPU has native bf16, which is for decoding.
@@ -178,8 +238,16 @@ def run(settings: Settings) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()
     data = _stage_data(s, model, tokenizer, work, dist)
-    trainer = Trainer(model, data["train"], s.train, work, tau_prompts=data["tau_prompts"], wandb_mode=s.run.wandb,
-                      wandb_project=s.run.wandb_project, accelerator=accelerator)
+    trainer = Trainer(
+        model,
+        data["train"],
+        s.train,
+        work,
+        tau_prompts=data["tau_prompts"],
+        wandb_mode=s.run.wandb,
+        wandb_project=s.run.wandb_project,
+        accelerator=accelerator,
+    )
     trainer.tracker.summary({"settings": s.to_dict()})
     result = trainer.train(resume=s.run.resume)
     summary = _finish(s, trainer, result, data, model, started) if dist.is_main else {}

@@ -39,12 +39,16 @@ _SENTINEL = "\x00selfspec-user-text\x00"
 def user_turn_header(tokenizer: Any) -> list[int]:
     """Token ids the chat template puts before a user's text in a first turn."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--self-prompts needs a tokenizer with a chat template (an instruction-tuned model): "
-                         "the model writes prompts after the template's user-turn header; pass --data instead")
+        raise ValueError(
+            "--self-prompts needs a tokenizer with a chat template (an instruction-tuned model): "
+            "the model writes prompts after the template's user-turn header; pass --data instead"
+        )
     text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
     if _SENTINEL not in text:
-        raise ValueError("the chat template does not render the user's text verbatim, so no user-turn header "
-                         "can be cut from it; pass --data instead of --self-prompts")
+        raise ValueError(
+            "the chat template does not render the user's text verbatim, so no user-turn header "
+            "can be cut from it; pass --data instead of --self-prompts"
+        )
     return list(tokenizer(text[: text.index(_SENTINEL)], add_special_tokens=False)["input_ids"])
 
 
@@ -53,14 +57,26 @@ def _shard(work_dir: Path, rank: int) -> Path:
 
 
 def write_prompts(
-    model: Any, tokenizer: Any, count: int, work_dir: Path, batch_size: int, seed: int = 0, dist: Dist | None = None,
+    model: Any,
+    tokenizer: Any,
+    count: int,
+    work_dir: Path,
+    batch_size: int,
+    seed: int = 0,
+    dist: Dist | None = None,
 ) -> tuple[list[Example], DataReport]:
     """``count`` attempts at a prompt (cached ones reused); the usable ones as examples, in order."""
     dist = dist or Dist.single()
     header = user_turn_header(tokenizer)
-    settings = {"target": Path(getattr(model, "name_or_path", "") or "").name or type(model).__name__,
-                "header": header, "temperature": TEMPERATURE, "top_p": TOP_P, "max_tokens": MAX_TOKENS,
-                "batch_size": batch_size, "seed": seed}  # batches are seeded by index: their size matters
+    settings = {
+        "target": Path(getattr(model, "name_or_path", "") or "").name or type(model).__name__,
+        "header": header,
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "max_tokens": MAX_TOKENS,
+        "batch_size": batch_size,
+        "seed": seed,
+    }  # batches are seeded by index: their size matters
     check_manifest(work_dir, settings, dist, name="self_prompts.json")
     own = _shard(work_dir, dist.rank)
     done = read_responses(work_dir, own, pattern="prompts.rank*.jsonl")
@@ -74,18 +90,32 @@ def write_prompts(
     return usable(read_responses(work_dir, pattern="prompts.rank*.jsonl"), count)
 
 
-def _generate(model, tokenizer, header: list[int], todo: list[range], own: Path, seed: int, dist: Dist) -> None:
+def _generate(
+    model, tokenizer, header: list[int], todo: list[range], own: Path, seed: int, dist: Dist
+) -> None:
     sampling = SamplingConfig(temperature=TEMPERATURE, top_p=TOP_P)
     eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
     pad = pad if pad is not None else min(eos, default=0)
-    bar = progress(total=sum(len(b) for b in todo), desc="self-prompts", unit="prompt", disable=not dist.is_main)
+    bar = progress(
+        total=sum(len(b) for b in todo), desc="self-prompts", unit="prompt", disable=not dist.is_main
+    )
     start, tokens = time.perf_counter(), 0
     with open(own, "a", encoding="utf-8") as sink:
         for batch in todo:
-            generator = torch.Generator(device=model.device).manual_seed(seed ^ zlib.crc32(f"{SOURCE}:{batch[0]}".encode()))
+            generator = torch.Generator(device=model.device).manual_seed(
+                seed ^ zlib.crc32(f"{SOURCE}:{batch[0]}".encode())
+            )
             outs = generate_batch(model, [header] * len(batch), MAX_TOKENS, sampling, eos, pad, generator)
-            lines = [json.dumps({"id": f"{SOURCE}:{i}", "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                 "finished": bool(ids) and ids[-1] in eos}) for i, ids in zip(batch, outs)]
+            lines = [
+                json.dumps(
+                    {
+                        "id": f"{SOURCE}:{i}",
+                        "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                        "finished": bool(ids) and ids[-1] in eos,
+                    }
+                )
+                for i, ids in zip(batch, outs)
+            ]
             sink.write("".join(line + "\n" for line in lines))
             sink.flush()
             os.fsync(sink.fileno())
@@ -97,7 +127,11 @@ def _generate(model, tokenizer, header: list[int], todo: list[range], own: Path,
 
 def usable(records: dict[str, dict[str, Any]], count: int) -> tuple[list[Example], DataReport]:
     """The kept prompts of attempts 0..count-1 as examples, and the count dropped by reason."""
-    report, seen, examples = DataReport(source=f"--self-prompts {count}", format="written by the target"), set(), []
+    report, seen, examples = (
+        DataReport(source=f"--self-prompts {count}", format="written by the target"),
+        set(),
+        [],
+    )
     for i in range(count):
         record = records.get(f"{SOURCE}:{i}")
         if record is None:
@@ -117,4 +151,3 @@ def usable(records: dict[str, dict[str, Any]], count: int) -> tuple[list[Example
     if not examples:
         raise ValueError(f"the target wrote no usable prompt ({report.summary()}); pass --data instead")
     return examples, report
-

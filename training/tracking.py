@@ -14,8 +14,15 @@ MODES = ("offline", "online", "disabled")
 
 
 class TrainTracker:
-    def __init__(self, mode: str, project: str, work_dir: Path, config: dict[str, Any], enabled: bool = True,
-                 name: str | None = None):
+    def __init__(
+        self,
+        mode: str,
+        project: str,
+        work_dir: Path,
+        config: dict[str, Any],
+        enabled: bool = True,
+        name: str | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"unknown W&B mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode, self.run = mode, None
@@ -26,11 +33,20 @@ class TrainTracker:
         directory = Path(os.environ.get("WANDB_DIR") or work_dir)
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.run = wandb.init(project=project, mode=mode, dir=str(directory), config=config, job_type="train",
-                                  name=name or f"train-{Path(work_dir).name}", reinit="finish_previous")
+            self.run = wandb.init(
+                project=project,
+                mode=mode,
+                dir=str(directory),
+                config=config,
+                job_type="train",
+                name=name or f"train-{Path(work_dir).name}",
+                reinit="finish_previous",
+            )
         except Exception as e:
-            raise RuntimeError(f"could not start a W&B {mode} run ({e}); use --wandb offline and `wandb sync` "
-                               "later, or --wandb disabled") from e
+            raise RuntimeError(
+                f"could not start a W&B {mode} run ({e}); use --wandb offline and `wandb sync` "
+                "later, or --wandb disabled"
+            ) from e
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:

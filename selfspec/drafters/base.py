@@ -58,16 +58,22 @@ class DrafterConfig:
     target_architecture: str = dataclasses.field(
         default="", metadata={"help": "target class name, e.g. LlamaForCausalLM (checked at load)"}
     )
-    target_name: str = dataclasses.field(default="", metadata={"help": "informational: the target it was trained on"})
+    target_name: str = dataclasses.field(
+        default="", metadata={"help": "informational: the target it was trained on"}
+    )
     tree: list[list[int]] | None = dataclasses.field(
         default=None, metadata={"help": "static tree as Medusa-style paths; None = the kind's default tree"}
     )
     draft_vocab_size: int = dataclasses.field(
-        default=0, metadata={"help": "tokens the drafter scores (a reduced draft vocabulary); 0 = all of vocab_size"}
+        default=0,
+        metadata={"help": "tokens the drafter scores (a reduced draft vocabulary); 0 = all of vocab_size"},
     )
     acceptance: list[list[float]] | None = dataclasses.field(
-        default=None, metadata={"help": "measured [depth][rank] acceptance on held-out data, written by calibration; "
-                                        "tree='auto' reads it (None = a prior)"}
+        default=None,
+        metadata={
+            "help": "measured [depth][rank] acceptance on held-out data, written by calibration; "
+            "tree='auto' reads it (None = a prior)"
+        },
     )
 
     def __post_init__(self):
@@ -75,14 +81,18 @@ class DrafterConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}] (0 = full vocabulary), "
-                             f"got {self.draft_vocab_size}")
+            raise ValueError(
+                f"draft_vocab_size must be in [0, vocab_size={self.vocab_size}] (0 = full vocabulary), "
+                f"got {self.draft_vocab_size}"
+            )
         if self.tree is not None:
             build_tree(self.tree)  # raises a ValueError naming the bad path
         if self.acceptance is not None:
             acc = torch.as_tensor(self.acceptance, dtype=torch.float64)
             if acc.ndim != 2 or acc.numel() == 0 or bool(((acc < 0) | (acc > 1)).any()):
-                raise ValueError("acceptance must be a non-empty [depth][rank] matrix of probabilities in [0, 1]")
+                raise ValueError(
+                    "acceptance must be a non-empty [depth][rank] matrix of probabilities in [0, 1]"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,7 +196,9 @@ class Drafter(nn.Module):
         """Per-generation state (e.g. a drafter KV cache); None for stateless drafters."""
         return None
 
-    def propose(self, state: Any, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers) -> Draft:
+    def propose(
+        self, state: Any, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers
+    ) -> Draft:
         raise NotImplementedError
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
@@ -220,11 +232,15 @@ class Drafter(nn.Module):
     def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
         """Score only the target tokens ``draft_ids`` [Vd] (distinct ids, e.g. the most frequent)."""
         if self.vocab is not None and not isinstance(self.vocab, VocabProjection):
-            raise ValueError("set the draft vocabulary before adding a LoRA read-out (the adapter is sized by it)")
+            raise ValueError(
+                "set the draft vocabulary before adding a LoRA read-out (the adapter is sized by it)"
+            )
         ids = torch.as_tensor(draft_ids, dtype=torch.long).flatten()
         if ids.numel() != self.config.draft_vocab_size or ids.unique().numel() != ids.numel():
-            raise ValueError(f"draft_ids must hold draft_vocab_size={self.config.draft_vocab_size} distinct token ids, "
-                             f"got {ids.numel()} ({ids.unique().numel()} distinct)")
+            raise ValueError(
+                f"draft_ids must hold draft_vocab_size={self.config.draft_vocab_size} distinct token ids, "
+                f"got {ids.numel()} ({ids.unique().numel()} distinct)"
+            )
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ValueError(f"draft_ids must be target token ids in [0, {self.config.vocab_size})")
         self.draft_ids.copy_(ids)
@@ -264,8 +280,11 @@ class Drafter(nn.Module):
         try:
             meta = {"format_version": FORMAT_VERSION, "kind": self.kind, **self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                     if not k.startswith(VOCAB_PREFIX)}
+            state = {
+                k: v.detach().contiguous().cpu()
+                for k, v in self.state_dict().items()
+                if not k.startswith(VOCAB_PREFIX)
+            }
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"kind": self.kind})
             if self.vocab is not None and not isinstance(self.vocab, VocabProjection):
                 self.vocab.save_pretrained(str(tmp))  # PEFT adapter files (the LoRA weights only)
@@ -289,14 +308,20 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def read_drafter_config(directory: Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a saved drafter, with errors that say what to fix."""
     if not directory.is_dir():
-        raise FileNotFoundError(f"drafter directory {directory} does not exist; pass a directory written by save_pretrained")
+        raise FileNotFoundError(
+            f"drafter directory {directory} does not exist; pass a directory written by save_pretrained"
+        )
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; a drafter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{path} is missing; a drafter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the drafter files are corrupt, save or download them again") from e
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); the drafter files are corrupt, save or download them again"
+        ) from e
     if not isinstance(meta, dict) or "kind" not in meta:
         raise ValueError(f"{path} has no 'kind' field; it is not a selfspec drafter config")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -321,11 +346,15 @@ def load_weights(drafter: Drafter, directory: Path) -> None:
     """Load ``model.safetensors`` into ``drafter``; every tensor must be present and fit."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; a drafter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"{path} is missing; a drafter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({e}); the drafter weights are corrupt, save or download them again") from e
+        raise ValueError(
+            f"{path} cannot be read ({e}); the drafter weights are corrupt, save or download them again"
+        ) from e
     try:
         drafter.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -42,22 +42,30 @@ from selfspec.tree import (
 @dataclass
 class EagleConfig(DrafterConfig):
     num_heads: int = dataclasses.field(default=8, metadata={"help": "attention heads of the draft layer"})
-    num_kv_heads: int = dataclasses.field(default=8, metadata={"help": "key/value heads (GQA) of the draft layer"})
+    num_kv_heads: int = dataclasses.field(
+        default=8, metadata={"help": "key/value heads (GQA) of the draft layer"}
+    )
     head_dim: int = dataclasses.field(default=64, metadata={"help": "per-head size"})
     intermediate_size: int = dataclasses.field(default=1024, metadata={"help": "SwiGLU MLP width"})
     rms_norm_eps: float = dataclasses.field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
     rope_theta: float = dataclasses.field(default=10000.0, metadata={"help": "rotary base"})
     tree_depth: int = dataclasses.field(default=5, metadata={"help": "depth of the default tree"})
-    tree_nodes: int = dataclasses.field(default=24, metadata={"help": "nodes of the default tree, root included"})
+    tree_nodes: int = dataclasses.field(
+        default=24, metadata={"help": "nodes of the default tree, root included"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
         if self.tree_depth < 1 or self.tree_nodes < 1:
-            raise ValueError(f"tree_depth and tree_nodes must be >= 1, got {self.tree_depth}, {self.tree_nodes}")
+            raise ValueError(
+                f"tree_depth and tree_nodes must be >= 1, got {self.tree_depth}, {self.tree_nodes}"
+            )
 
 
 def default_fuse_layers(num_layers: int) -> list[int]:
@@ -71,8 +79,11 @@ def default_fuse_layers(num_layers: int) -> list[int]:
 class Eagle3Config(EagleConfig):
     fuse_layers: list[int] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "target hidden states fused at the root (indices into hidden_states: 0 = embeddings, "
-                          "i = output of layer i); default: a low, a middle and a high layer"})
+        metadata={
+            "help": "target hidden states fused at the root (indices into hidden_states: 0 = embeddings, "
+            "i = output of layer i); default: a low, a middle and a high layer"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,17 +143,20 @@ class DraftLayer(nn.Module):
         n, c = x.shape[0], self.c
         h = self.attention_input(x)
         q = rotate(self.q_proj(h).view(n, c.num_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta)
-        k = rotate(self.k_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta)
+        k = rotate(
+            self.k_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1), positions, c.rope_theta
+        )
         v = self.v_proj(h).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
         if store is not None:
             k, v = (t[0] for t in store.write(0, k[None], v[None], offset))  # [Hkv, S, D]
         if mask is None:
             mask = offset_causal_mask(n, k.shape[1], x.device)
-        attn = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)
+        attn = F.scaled_dot_product_attention(
+            q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True
+        )
         x = self.residual(x) + self.o_proj(attn[0].transpose(0, 1).reshape(n, -1))
         h = self.post_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_norm(x)
@@ -199,7 +213,9 @@ class EagleDrafter(Drafter):
 
     def step_input(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[N, H] target (or predicted) features + [N] next tokens -> [N, H] layer input."""
-        return self.fc(torch.cat([hidden.to(self.fc.weight.dtype), self.embed(tokens).to(self.fc.weight.dtype)], -1))
+        return self.fc(
+            torch.cat([hidden.to(self.fc.weight.dtype), self.embed(tokens).to(self.fc.weight.dtype)], -1)
+        )
 
     def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced features for a whole sequence (training): [N, H], [N] -> [N, H]."""
@@ -217,13 +233,18 @@ class EagleDrafter(Drafter):
             return self._draft_dynamic(state, feats[-1], next_tokens[-1], tree)
         return self._draft_tree(state, feats[-1], next_tokens[-1], tree)
 
-    def _draft_dynamic(self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, spec: DynamicTree) -> Draft:
+    def _draft_dynamic(
+        self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, spec: DynamicTree
+    ) -> Draft:
         """EAGLE-2: expand the most confident nodes level by level, verify the best ``budget``."""
-        tree, tokens = grow_tree(root_token, _DynamicExpander(self, state, root_feat, spec), spec.depth,
-                                 spec.expand, spec.budget)
+        tree, tokens = grow_tree(
+            root_token, _DynamicExpander(self, state, root_feat, spec), spec.depth, spec.expand, spec.budget
+        )
         return Draft(tree=tree, tokens=tokens)
 
-    def _draft_tree(self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, tree: TreeBuffers) -> Draft:
+    def _draft_tree(
+        self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, tree: TreeBuffers
+    ) -> Draft:
         """Fill the tree depth by depth; nodes must be ordered by depth (build_tree does so)."""
         t = tree.size
         feats = root_feat.new_zeros(t, root_feat.shape[-1])  # [T, H] predicted feature per node
@@ -238,7 +259,9 @@ class EagleDrafter(Drafter):
             top = self.top_candidates(feats[plo:lo], t)[1]  # [n_{d-1}, t] token ids, best first
             tokens[lo:hi] = top[parents - plo, tree.ranks[lo:hi]]
             if hi < t:  # deeper nodes need these nodes' features
-                mask = torch.cat([tree.ancestor_mask.new_ones(hi - lo, state.length), tree.ancestor_mask[lo:hi, 1:hi]], 1)
+                mask = torch.cat(
+                    [tree.ancestor_mask.new_ones(hi - lo, state.length), tree.ancestor_mask[lo:hi, 1:hi]], 1
+                )
                 x = self.step_input(feats[parents], tokens[lo:hi])
                 pos = torch.full((hi - lo,), base + d, device=x.device)
                 feats[lo:hi] = self.layer(x, pos, state, offset=lo - 1, mask=mask)
@@ -293,7 +316,9 @@ class _DynamicExpander:
         self.rows = 0  # rows written past the committed ones
         self.base = state.length - 1  # position of the root's pair
 
-    def __call__(self, pool: DraftPool, frontier: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, pool: DraftPool, frontier: torch.Tensor, level: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if level > 0:
             self._forward(pool, frontier, level)
         return self.d.top_candidates(self.feats[frontier], self.spec.top_k)  # [F, K] each

@@ -31,12 +31,16 @@ from selfspec.tree import (
 class MedusaConfig(DrafterConfig):
     num_heads: int = dataclasses.field(default=4, metadata={"help": "heads = deepest tree level drafted"})
     num_layers: int = dataclasses.field(default=1, metadata={"help": "residual blocks per head"})
-    tree_nodes: int = dataclasses.field(default=24, metadata={"help": "nodes of the default tree, root included"})
+    tree_nodes: int = dataclasses.field(
+        default=24, metadata={"help": "nodes of the default tree, root included"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_heads < 1 or self.num_layers < 1:
-            raise ValueError(f"num_heads and num_layers must be >= 1, got {self.num_heads} and {self.num_layers}")
+            raise ValueError(
+                f"num_heads and num_layers must be >= 1, got {self.num_heads} and {self.num_layers}"
+            )
         if self.tree_nodes < 1:
             raise ValueError(f"tree_nodes must be >= 1 (the root), got {self.tree_nodes}")
 
@@ -89,6 +93,10 @@ class MedusaDrafter(Drafter):
     def _propose_dynamic(self, hidden: torch.Tensor, next_tokens: torch.Tensor, spec: DynamicTree) -> Draft:
         """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a depth)."""
         depth = min(spec.depth, len(self.heads))
-        logprobs, ids = self.top_candidates(self.head_hidden(hidden[-1:])[0, :depth], spec.top_k)  # [D, K] each
-        tree, tokens = grow_tree(next_tokens[-1], medusa_proposer(logprobs, ids), depth, spec.expand, spec.budget)
+        logprobs, ids = self.top_candidates(
+            self.head_hidden(hidden[-1:])[0, :depth], spec.top_k
+        )  # [D, K] each
+        tree, tokens = grow_tree(
+            next_tokens[-1], medusa_proposer(logprobs, ids), depth, spec.expand, spec.budget
+        )
         return Draft(tree=tree, tokens=tokens)
