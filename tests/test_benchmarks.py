@@ -64,3 +64,46 @@ def test_cpu_fast_path_smoke(tmp_path):
         r["identical_to_hf"] == "2/2" for name, r in record["decode"].items() if name != "static-batched"
     )
     assert set(record["verify"]) == {"exact", "batched"} and "| mode | T=1 |" in proc.stdout
+
+
+def test_gpu_check_smoke_runs_every_check_and_records_them(tmp_path):
+    """benchmarks/gpu_check.py --smoke: the GPU lease's one command, at toy sizes on the CPU."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(tmp_path), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["name"] for c in summary["checks"]] == [
+        "kernel_tests",
+        "tree_attention_bench",
+        "verify_step_bench",
+    ]
+    assert all(c["rc"] == 0 and c["seconds"] > 0 for c in summary["checks"])
+    assert {"torch", "triton", "transformers", "device", "date", "command"} <= set(summary)
+    assert (tmp_path / "kernel_tests.xml").is_file() and (tmp_path / "tree_attention.json").is_file()
+
+
+def test_gpu_check_fails_soft(tmp_path, monkeypatch):
+    """A failing or timed-out check is recorded, the next one still runs, and the exit code says so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    fake = [
+        gpu_check.Check("fails", "exits 3", [sys.executable, "-c", "import sys; sys.exit(3)"], 30),
+        gpu_check.Check(
+            "hangs", "sleeps past its limit", [sys.executable, "-c", "import time; time.sleep(30)"], 1
+        ),
+        gpu_check.Check("passes", "exits 0", [sys.executable, "-c", "print('ok')"], 30),
+        gpu_check.Check("model", "needs the GGUF", [sys.executable, "-c", "pass"], 30, needs_gguf=True),
+    ]
+    monkeypatch.setattr(gpu_check, "checks", lambda smoke: fake)
+    assert gpu_check.main([str(tmp_path)]) == 1
+    rcs = {c["name"]: c["rc"] for c in json.loads((tmp_path / "summary.json").read_text())["checks"]}
+    assert rcs == {"fails": 3, "hangs": "timeout", "passes": 0, "model": "skipped"}
