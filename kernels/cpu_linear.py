@@ -8,9 +8,8 @@ block accumulated from zero pair by pair (``cpu/blocked_linear_bf16.c`` states t
 With the block size a library uses for one row, every row of a many-row call is bitwise that
 library's one-row result; the caller measures which block size that is (it is not assumed here).
 
-The C source has no torch headers: it is compiled once with the system C compiler into
-``$SELFSPEC_CACHE/kernels`` (about a second; the file name carries a hash of the source and the
-flags, and the write is atomic) and called through ctypes. ``available()`` is False, with the
+The C source has no torch headers: ``cpu_build`` compiles it once with the system C compiler into
+``$SELFSPEC_CACHE/kernels`` and it is called through ctypes. ``available()`` is False, with the
 reason in ``unavailable_reason()``, where the CPU lacks AVX512_BF16 or no compiler works; callers
 then fall back to one library call per row.
 """
@@ -18,58 +17,20 @@ then fall back to one library call per row.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from . import cpu_build
+
 SOURCE = Path(__file__).parent / "cpu" / "blocked_linear_bf16.c"
-FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
 _LIB: ctypes.CDLL | None = None
 _REASON: str | None = None  # why the kernel is unavailable, once known
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_bf16" in line.split()
-    except OSError:
-        pass
-    return False
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SELFSPEC_CACHE") or Path.home() / ".cache" / "selfspec") / "kernels"
-
-
 def _compile() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"blocked_linear_bf16-{digest}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run(
-                [compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, out)  # atomic: a killed build never leaves a half-written library behind
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
+    lib = cpu_build.build(SOURCE)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.packed_elements.argtypes, lib.packed_elements.restype = [i64, i64], i64
     lib.pack_weight.argtypes, lib.pack_weight.restype = [ptr, ptr, i64, i64], None
@@ -87,7 +48,7 @@ def available() -> bool:
         return False
     if os.environ.get("SELFSPEC_CPU_KERNELS", "1").strip() == "0":
         _REASON = "SELFSPEC_CPU_KERNELS=0"
-    elif not _cpu_has_avx512_bf16():
+    elif "avx512_bf16" not in cpu_build.cpu_flags():
         _REASON = "this CPU has no AVX512_BF16 instructions"
     else:
         try:

@@ -43,6 +43,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from selfspec import kernels
 from selfspec.cache import KVStore, offset_causal_mask
 from selfspec.invariance import linear_plans, row_exact_scope
+from selfspec.kernels import cpu_attention
 
 ATTENTION_NAME = "selfspec"
 BACKENDS = ("torch", "triton")
@@ -71,6 +72,7 @@ class TreeMask:
     _max_depth: int | None = field(default=None, repr=False)
     _groups: list | None = field(default=None, repr=False)  # per depth: (nodes [n], key rows [n, d+1])
     _node_keys: tuple | None = field(default=None, repr=False)  # (prefix, [(nodes, rows or None, width)])
+    _ancestor_rows: tuple | None = field(default=None, repr=False)  # (prefix, rows [T, D+1], widths [T])
 
     def dense(self, kv_len: int, window: int | None = None) -> torch.Tensor:
         """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors; with a
@@ -129,6 +131,19 @@ class TreeMask:
                 out.append((nodes, None if in_place else prefix + anc, width))
             self._node_keys = (prefix, out)
         return self._node_keys[1]
+
+    def ancestor_rows(self, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each node's ancestors (itself last) as cache rows after ``prefix`` cached rows, root first:
+        ``rows`` [T, max depth + 1] int64 (padded), ``widths`` [T]. Built once per forward."""
+        if self._ancestor_rows is None or self._ancestor_rows[0] != prefix:
+            anc = self.ancestor_mask
+            widths = anc.sum(1)
+            order = torch.arange(anc.shape[1], device=anc.device).expand_as(anc)
+            # set bits first, in index order (= depth order); the padding repeats the last column
+            ranked = torch.where(anc, order, anc.shape[1]).sort(1).values[:, : int(widths.max())]
+            rows = prefix + ranked.clamp(max=anc.shape[1] - 1)
+            self._ancestor_rows = (prefix, rows.to(torch.int64).cpu(), widths.to(torch.int64).cpu())
+        return self._ancestor_rows[1], self._ancestor_rows[2]
 
     def bits(self) -> torch.Tensor:
         """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
@@ -211,6 +226,25 @@ def tree_attention_forward(
             attention_mask = attention_mask[None, None]
         if softcap is not None or sinks is not None:
             return _torch_attention(query, key, value, attention_mask, scale, softcap, sinks), None
+        if (
+            q_len == 1
+            and attention_mask is None
+            and query.shape[0] == 1
+            and key.stride() == value.stride()
+            and cpu_kernel_attention(module, query, scale)
+        ):
+            # A one-token step: the kernel computes the library's bits, without its per-head overhead.
+            none = torch.zeros(1, 0, dtype=torch.int64)
+            out = cpu_attention.tree_attention(
+                query[0].transpose(0, 1),
+                key[0],
+                value[0],
+                kv_len,
+                none,
+                torch.zeros(1, dtype=torch.int64),
+                scale,
+            )
+            return out[None], None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("tree verification takes no padding mask; the engine decodes one sequence per call")
@@ -232,6 +266,53 @@ def tree_attention_forward(
     if softcap is not None or sinks is not None:
         return _torch_attention(query, key, value, mask, scale, softcap, sinks), None
     return sdpa_attention_forward(module, query, key, value, mask, dropout, scale, **kwargs)
+
+
+_KERNEL_CHECKED: dict[tuple, bool] = {}  # (Hq, Hkv, D, scale, threads) -> kernel bitwise equal to SDPA here
+KERNEL_CHECK_LENGTHS = (
+    1,
+    7,
+    64,
+    100,
+    513,
+    1100,
+)  # key counts checked: tails, one block, two and three blocks
+
+
+def cpu_kernel_attention(module: torch.nn.Module, query: torch.Tensor, scale: float) -> bool:
+    """Whether this layer's single-query attention may run as ``kernels.cpu_attention``: bf16 on
+    CPU, a supported head size, and the kernel found bitwise equal to the library's one-query SDPA
+    call (the call plain decoding makes) for these head counts, scale and thread count, on random
+    inputs at several key counts. Checked once per process and shape; False keeps SDPA."""
+    if query.device.type != "cpu" or getattr(module, "training", False):
+        return False
+    hq, d = query.shape[1], query.shape[-1]
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    if not cpu_attention.supports(d, query.dtype) or hq % groups:
+        return False
+    key = (hq, hq // groups, d, float(scale), torch.get_num_threads())
+    if key not in _KERNEL_CHECKED:
+        _KERNEL_CHECKED[key] = cpu_attention.available() and _kernel_matches_sdpa(*key[:4], groups)
+    return _KERNEL_CHECKED[key]
+
+
+@torch.inference_mode()
+def _kernel_matches_sdpa(hq: int, hkv: int, d: int, scale: float, groups: int) -> bool:
+    g = torch.Generator().manual_seed(hq * 1009 + d)
+    probe = type("Probe", (), {"is_causal": True, "training": False, "num_key_value_groups": groups})()
+    for length in KERNEL_CHECK_LENGTHS:
+        for _ in range(2):
+            q = torch.randn(1, hq, d, generator=g).bfloat16()
+            k = (torch.randn(hkv, length, d, generator=g) * 1.5).bfloat16()
+            v = torch.randn(hkv, length, d, generator=g).bfloat16()
+            ref, _ = sdpa_attention_forward(probe, q[:, :, None], k[None], v[None], None, 0.0, scale)
+            no_rows = torch.zeros(1, 0, dtype=torch.int64)
+            out = cpu_attention.tree_attention(
+                q, k, v, length, no_rows, torch.zeros(1, dtype=torch.int64), scale
+            )
+            if not torch.equal(out, ref[0]):
+                return False
+    return True
 
 
 def _per_node_attention(
@@ -256,6 +337,12 @@ def _per_node_attention(
         raise ValueError("tree verification decodes one sequence per call (batch 1)")
     t, kv_len = query.shape[2], key.shape[2]
     prefix = kv_len - t
+    if cpu_kernel_attention(module, query, scale) and key.stride() == value.stride():
+        rows, widths = tree.ancestor_rows(prefix)  # one pass over the prefix for all nodes, no copies
+        out = cpu_attention.tree_attention(
+            query[0].transpose(0, 1), key[0], value[0], prefix, rows, widths, scale
+        )
+        return out[None]
     out = query.new_empty(1, t, query.shape[1], query.shape[3])
     for nodes, rows, width in tree.node_keys(prefix):
         if rows is None:  # the cache is in order for this node

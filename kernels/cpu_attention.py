@@ -1,0 +1,131 @@
+"""Single-query attention for many queries, each reduced exactly as torch's CPU flash attention
+reduces one query (bf16), so a tree of T nodes costs one pass over the prefix instead of T
+library calls, with every node bitwise what one-token decoding computes.
+
+``tree_attention`` takes the queries of T tree nodes, one layer's K/V cache, the prefix length and
+each node's ancestor rows; every query attends to the prefix (read in place) and its own ancestors.
+The order it reproduces is stated in ``cpu/tree_attention_bf16.c``; it was identified by probing
+torch 2.13's kernel and is not assumed to hold elsewhere: callers check it bitwise against the
+library on the model's own shapes at load time (``selfspec.hf``) and keep the library call where it
+differs. ``available()`` is False where the CPU lacks AVX-512 or no C compiler works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from . import cpu_build
+
+SOURCE = Path(__file__).parent / "cpu" / "tree_attention_bf16.c"
+_LIB: ctypes.CDLL | None = None
+_REASON: str | None = None
+
+
+def available() -> bool:
+    """True when the kernel can run here (AVX-512 CPU, a working C compiler); builds it once."""
+    global _LIB, _REASON
+    if _LIB is not None:
+        return True
+    if _REASON is not None:
+        return False
+    if os.environ.get("SELFSPEC_CPU_KERNELS", "1").strip() == "0":
+        _REASON = "SELFSPEC_CPU_KERNELS=0"
+    elif not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= cpu_build.cpu_flags():
+        _REASON = "this CPU has no AVX-512 (F, BW, VL, DQ) with FMA"
+    else:
+        try:
+            lib = cpu_build.build(SOURCE)
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.tree_attention.argtypes = [
+                ptr,
+                ptr,
+                ptr,
+                i64,
+                i64,
+                i64,
+                ptr,
+                ptr,
+                i64,
+                i64,
+                i64,
+                i64,
+                i64,
+                ctypes.c_float,
+                ptr,
+            ]
+            lib.tree_attention.restype = None
+            _LIB = lib
+        except (OSError, RuntimeError) as err:
+            _REASON = str(err)
+    return _LIB is not None
+
+
+def unavailable_reason() -> str | None:
+    return None if _LIB is not None else _REASON
+
+
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and head_dim % 16 == 0 and head_dim <= 256
+
+
+def tree_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix: int,
+    ancestors: torch.Tensor,
+    widths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``query`` [T, Hq, D] bf16; ``key``/``value`` [Hkv, R, D] bf16 (one layer's cache, rows
+    contiguous in D, the same strides); query t attends to cache rows 0..prefix-1 and then
+    ``ancestors[t, :widths[t]]`` (int64 cache rows, root first). Returns [T, Hq, D] bf16."""
+    if not available():
+        raise RuntimeError(f"the CPU tree attention kernel is unavailable: {_REASON}")
+    t, hq, d = query.shape
+    hkv = key.shape[0]
+    if (
+        query.dtype != torch.bfloat16
+        or key.dtype != torch.bfloat16
+        or value.dtype != torch.bfloat16
+        or not supports(d, query.dtype)
+        or hq % hkv
+        or key.stride() != value.stride()
+        or key.stride(-1) != 1
+        or key.shape[-1] != d
+        or ancestors.dtype != torch.int64
+        or widths.dtype != torch.int64
+        or ancestors.shape[0] != t
+        or widths.shape != (t,)
+    ):
+        raise ValueError(
+            f"tree_attention: bad arguments (query {query.dtype} {tuple(query.shape)}, key {key.dtype} "
+            f"{tuple(key.shape)} strides {key.stride()}, value strides {value.stride()}, ancestors "
+            f"{ancestors.dtype} {tuple(ancestors.shape)}, widths {tuple(widths.shape)})"
+        )
+    q = query.contiguous()
+    anc = ancestors.contiguous()
+    w = widths.contiguous()
+    out = torch.empty(t, hq, d, dtype=torch.bfloat16)
+    _LIB.tree_attention(
+        q.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        key.stride(0),
+        key.stride(1),
+        prefix,
+        anc.data_ptr(),
+        w.data_ptr(),
+        anc.shape[1],
+        t,
+        hq,
+        hkv,
+        d,
+        float(scale),
+        out.data_ptr(),
+    )
+    return out
