@@ -174,3 +174,15 @@ def test_probe_is_cached_and_the_shape_set_matches_it(tiny_models):
                 n, k, module.bias is not None, module.weight.dtype, module.weight.device
             )
             assert ((n, k) in shapes) == (not invariant)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-wide-mlp"])
+def test_the_sdpa_fallback_is_exact_too(tiny_models, arch, monkeypatch):
+    """Where the CPU attention kernel is not used (other CPUs, fp32, shapes it fails its check on),
+    per-depth SDPA over each node's own keys keeps every node exact."""
+    from selfspec import hf
+
+    monkeypatch.setattr(hf, "cpu_kernel_attention", lambda *args: False)
+    model, tree = tiny_models(arch, torch.bfloat16), TREES["mixed"]
+    prompt, tokens = _case(model, tree, seed=11)
+    assert node_mismatches(model, prompt, tree, tokens) == []

@@ -1,0 +1,111 @@
+"""The CPU attention kernel (selfspec.kernels.cpu_attention) against the library call it stands in
+for: torch's one-query SDPA, as transformers' sdpa_attention_forward makes it in a decode step.
+
+Every tree node's output must be bitwise that call over the node's own keys (the prefix, then
+its ancestors); the check the engine runs at load time is tested for both answers."""
+
+import types
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from selfspec import hf
+from selfspec.kernels import cpu_attention
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="CPU attention kernel unavailable here")
+
+
+def _reference(q, k, v, rows, scale, groups):
+    module = types.SimpleNamespace(is_causal=True, training=False, num_key_value_groups=groups)
+    out, _ = sdpa_attention_forward(
+        module, q[None, :, None], k[None][:, :, rows], v[None][:, :, rows], None, 0.0, scale
+    )
+    return out[0, 0]
+
+
+def _tree(parents, prefix):
+    anc = []
+    for i, p in enumerate(parents):
+        anc.append(([] if p < 0 else anc[p]) + [prefix + i])
+    width = max(len(a) for a in anc)
+    rows = torch.tensor([a + [a[-1]] * (width - len(a)) for a in anc])
+    return anc, rows, torch.tensor([len(a) for a in anc])
+
+
+@pytest.mark.parametrize("prefix", [0, 3, 16, 200, 511, 600, 1300])
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 1)])
+def test_every_node_is_bitwise_the_one_query_sdpa_call(prefix, heads):
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(prefix * 31 + hq)
+    parents = [-1, 0, 0, 1, 1, 2, 5, 6, 0]
+    anc, rows, widths = _tree(parents, prefix)
+    total = prefix + len(parents)
+    k = (torch.randn(hkv, total + 4, 64, generator=g) * 2).bfloat16()  # a cache longer than what is used
+    v = torch.randn(hkv, total + 4, 64, generator=g).bfloat16()
+    q = torch.randn(len(parents), hq, 64, generator=g).bfloat16()
+    out = cpu_attention.tree_attention(q, k, v, prefix, rows, widths, 0.125)
+    for i, a in enumerate(anc):
+        keys = torch.cat([torch.arange(prefix), torch.tensor(a)])
+        assert torch.equal(out[i], _reference(q[i], k, v, keys, 0.125, hq // hkv)), f"node {i}"
+
+
+def test_head_size_128_and_another_scale():
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, 700, 128, generator=g).bfloat16()
+    v = torch.randn(2, 700, 128, generator=g).bfloat16()
+    q = torch.randn(1, 4, 128, generator=g).bfloat16()
+    none = torch.zeros(1, 0, dtype=torch.int64)
+    out = cpu_attention.tree_attention(q, k, v, 700, none, torch.zeros(1, dtype=torch.int64), 0.0884)
+    assert torch.equal(out[0], _reference(q[0], k, v, torch.arange(700), 0.0884, 2))
+
+
+def test_bad_arguments_are_refused():
+    k = torch.zeros(3, 10, 64).bfloat16()
+    with pytest.raises(ValueError, match="tree_attention"):
+        cpu_attention.tree_attention(
+            torch.zeros(1, 9, 64),
+            k,
+            k,
+            10,
+            torch.zeros(1, 0, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64),
+            0.125,
+        )  # fp32 query
+    with pytest.raises(ValueError, match="tree_attention"):
+        cpu_attention.tree_attention(
+            torch.zeros(1, 8, 64).bfloat16(),
+            k,
+            k,
+            10,
+            torch.zeros(1, 0, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64),
+            0.125,
+        )  # 8 heads over 3 K/V heads
+
+
+def test_load_time_check_passes_here_and_rejects_a_kernel_that_differs(monkeypatch):
+    """The engine uses the kernel only after ``_kernel_matches_sdpa``; a kernel off by one ulp
+    somewhere must fail that check (so the engine keeps SDPA)."""
+    assert hf._kernel_matches_sdpa(9, 3, 64, 0.125, 3)
+    real = cpu_attention.tree_attention
+
+    def off_by_one_ulp(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.view(torch.int16)[..., 0] += 1
+        return out
+
+    monkeypatch.setattr(cpu_attention, "tree_attention", off_by_one_ulp)
+    assert not hf._kernel_matches_sdpa(9, 3, 64, 0.125, 3)
+
+
+def test_engine_steps_use_the_kernel_only_where_it_was_checked(monkeypatch):
+    module = types.SimpleNamespace(training=False, num_key_value_groups=3)
+    q = torch.zeros(1, 9, 1, 64).bfloat16()
+    monkeypatch.setattr(hf, "_KERNEL_CHECKED", {})
+    assert hf.cpu_kernel_attention(module, q, 0.125)
+    assert not hf.cpu_kernel_attention(module, q.float(), 0.125)  # fp32: not this kernel's
+    assert not hf.cpu_kernel_attention(types.SimpleNamespace(training=True, num_key_value_groups=3), q, 0.125)
+    monkeypatch.setattr(hf, "_KERNEL_CHECKED", {})
+    monkeypatch.setattr(hf, "_kernel_matches_sdpa", lambda *a: False)
+    assert not hf.cpu_kernel_attention(module, q, 0.125)
