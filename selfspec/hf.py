@@ -326,7 +326,8 @@ def _per_node_attention(
     **kwargs,
 ) -> torch.Tensor:
     """Tree attention with each node's result bitwise what a one-token step computes there
-    (row invariance, see ``selfspec.invariance``): per depth d, one unmasked SDPA call over a batch
+    (row invariance, see ``selfspec.invariance``). Where ``cpu_kernel_attention`` allows it, one
+    call of the CPU kernel for all nodes (the prefix read in place). Otherwise per depth d, one unmasked SDPA call over a batch
     of single-query problems, node i attending to exactly its own P + d + 1 keys (the prefix, then
     its ancestors in depth order), which is the call plain decoding makes at that position. A
     masked call over all T queries reduces over other key counts and blocks and differs in the
