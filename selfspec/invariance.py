@@ -20,9 +20,9 @@ What breaks the rule, measured on an AMD EPYC (Zen 5, AVX512_BF16), torch 2.13 +
   below, at load time, on random inputs. Where the kernel cannot run (no AVX512_BF16, no C
   compiler, fp32, or no block size matches) the shape falls back to the one-row call itself,
   once per row, which is exact by construction but T times the work.
-- masked SDPA over a tree (see ``selfspec.hf``): handled there by giving every node the
-  library's one-query arithmetic over its own keys (``selfspec.kernels.cpu_attention``, checked
-  against SDPA at load time; else per-depth SDPA calls with no mask).
+- masked SDPA over a tree (see ``selfspec.hf``): handled there by per-depth SDPA calls with no
+  mask, each node over exactly its own keys (an experimental kernel doing it in one pass,
+  ``selfspec.kernels.cpu_attention``, is off by default).
 Norms, rotary, activations and residuals are per-row elementwise work and are covered by the
 per-node property tests (tests/test_invariance.py) rather than assumed.
 
