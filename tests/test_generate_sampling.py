@@ -271,3 +271,18 @@ def test_expected_tau_grows_with_budget():
     acc = prior_acceptance(4, 4, 0.7, 0.8)
     taus = [expected_tau(acc, n) for n in (1, 2, 8, 32)]
     assert taus[0] == 1.0 and taus == sorted(taus) and taus[1] == pytest.approx(1.7)
+
+
+def test_auto_tree_cache_key_changes_with_the_cpu_kernel_switches(tiny_models, monkeypatch):
+    """A table timed with the experimental CPU attention kernel on is not reused with it off."""
+    from selfspec import autotune
+
+    model = tiny_models("llama")
+    drafter = selfspec.new_drafter("eagle", model)
+    monkeypatch.delenv("SELFSPEC_CPU_ATTENTION", raising=False)
+    monkeypatch.delenv("SELFSPEC_CPU_KERNELS", raising=False)
+    off = autotune.cache_key(model, drafter)
+    monkeypatch.setenv("SELFSPEC_CPU_ATTENTION", "1")
+    on = autotune.cache_key(model, drafter)
+    monkeypatch.setenv("SELFSPEC_CPU_KERNELS", "0")
+    assert len({off, on, autotune.cache_key(model, drafter)}) == 3
