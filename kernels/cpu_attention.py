@@ -13,7 +13,6 @@ differs. ``available()`` is False where the CPU lacks AVX-512 or no C compiler w
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -21,51 +20,26 @@ import torch
 from . import cpu_build
 
 SOURCE = Path(__file__).parent / "cpu" / "tree_attention_bf16.c"
-_LIB: ctypes.CDLL | None = None
-_REASON: str | None = None
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_KERNEL = cpu_build.Kernel(
+    SOURCE,
+    {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+    {
+        "tree_attention": (
+            [_PTR, _PTR, _PTR] + [_I64] * 3 + [_PTR, _PTR] + [_I64] * 5 + [ctypes.c_float, _PTR],
+            None,
+        )
+    },
+)
 
 
 def available() -> bool:
     """True when the kernel can run here (AVX-512 CPU, a working C compiler); builds it once."""
-    global _LIB, _REASON
-    if _LIB is not None:
-        return True
-    if _REASON is not None:
-        return False
-    if os.environ.get("SELFSPEC_CPU_KERNELS", "1").strip() == "0":
-        _REASON = "SELFSPEC_CPU_KERNELS=0"
-    elif not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= cpu_build.cpu_flags():
-        _REASON = "this CPU has no AVX-512 (F, BW, VL, DQ) with FMA"
-    else:
-        try:
-            lib = cpu_build.build(SOURCE)
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.tree_attention.argtypes = [
-                ptr,
-                ptr,
-                ptr,
-                i64,
-                i64,
-                i64,
-                ptr,
-                ptr,
-                i64,
-                i64,
-                i64,
-                i64,
-                i64,
-                ctypes.c_float,
-                ptr,
-            ]
-            lib.tree_attention.restype = None
-            _LIB = lib
-        except (OSError, RuntimeError) as err:
-            _REASON = str(err)
-    return _LIB is not None
+    return _KERNEL.available()
 
 
 def unavailable_reason() -> str | None:
-    return None if _LIB is not None else _REASON
+    return _KERNEL.reason
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
@@ -85,7 +59,7 @@ def tree_attention(
     contiguous in D, the same strides); query t attends to cache rows 0..prefix-1 and then
     ``ancestors[t, :widths[t]]`` (int64 cache rows, root first). Returns [T, Hq, D] bf16."""
     if not available():
-        raise RuntimeError(f"the CPU tree attention kernel is unavailable: {_REASON}")
+        raise RuntimeError(f"the CPU tree attention kernel is unavailable: {_KERNEL.reason}")
     t, hq, d = query.shape
     hkv = key.shape[0]
     if (
@@ -111,7 +85,7 @@ def tree_attention(
     anc = ancestors.contiguous()
     w = widths.contiguous()
     out = torch.empty(t, hq, d, dtype=torch.bfloat16)
-    _LIB.tree_attention(
+    _KERNEL.lib.tree_attention(
         q.data_ptr(),
         key.data_ptr(),
         value.data_ptr(),

@@ -63,3 +63,32 @@ def build(source: Path) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return ctypes.CDLL(str(out))
+
+
+class Kernel:
+    """One C kernel: built and loaded on first use where the CPU has ``needs`` (flag names from
+    /proc/cpuinfo) and ``SELFSPEC_CPU_KERNELS`` is not 0; ``reason`` says why it is not available.
+    ``signatures`` maps each C function to its ctypes (argtypes, restype)."""
+
+    def __init__(self, source: Path, needs: set[str], signatures: dict[str, tuple[list, object]]):
+        self.source, self.needs, self.signatures = source, needs, signatures
+        self.lib: ctypes.CDLL | None = None
+        self.reason: str | None = None
+
+    def available(self) -> bool:
+        if self.lib is not None or self.reason is not None:
+            return self.lib is not None
+        missing = sorted(self.needs - cpu_flags())
+        if os.environ.get("SELFSPEC_CPU_KERNELS", "1").strip() == "0":
+            self.reason = "SELFSPEC_CPU_KERNELS=0"
+        elif missing:
+            self.reason = f"this CPU lacks {', '.join(missing)}"
+        else:
+            try:
+                lib = build(self.source)
+                for name, (argtypes, restype) in self.signatures.items():
+                    getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
+                self.lib = lib
+            except (OSError, RuntimeError) as err:
+                self.reason = str(err)
+        return self.lib is not None

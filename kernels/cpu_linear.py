@@ -17,7 +17,6 @@ then fall back to one library call per row.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -25,49 +24,33 @@ import torch
 from . import cpu_build
 
 SOURCE = Path(__file__).parent / "cpu" / "blocked_linear_bf16.c"
-_LIB: ctypes.CDLL | None = None
-_REASON: str | None = None  # why the kernel is unavailable, once known
-
-
-def _compile() -> ctypes.CDLL:
-    lib = cpu_build.build(SOURCE)
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.packed_elements.argtypes, lib.packed_elements.restype = [i64, i64], i64
-    lib.pack_weight.argtypes, lib.pack_weight.restype = [ptr, ptr, i64, i64], None
-    lib.blocked_linear.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
-    lib.blocked_linear.restype = None
-    return lib
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_KERNEL = cpu_build.Kernel(
+    SOURCE,
+    {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+    {
+        "packed_elements": ([_I64, _I64], _I64),
+        "pack_weight": ([_PTR, _PTR, _I64, _I64], None),
+        "blocked_linear": ([_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64], None),
+    },
+)
 
 
 def available() -> bool:
     """True when the kernel can run here (AVX512_BF16 CPU, a working C compiler); builds it once."""
-    global _LIB, _REASON
-    if _LIB is not None:
-        return True
-    if _REASON is not None:
-        return False
-    if os.environ.get("SELFSPEC_CPU_KERNELS", "1").strip() == "0":
-        _REASON = "SELFSPEC_CPU_KERNELS=0"
-    elif "avx512_bf16" not in cpu_build.cpu_flags():
-        _REASON = "this CPU has no AVX512_BF16 instructions"
-    else:
-        try:
-            _LIB = _compile()
-        except (OSError, RuntimeError) as err:
-            _REASON = str(err)
-    return _LIB is not None
+    return _KERNEL.available()
 
 
 def unavailable_reason() -> str | None:
     """Why ``available()`` is False (None when it is True or was not asked yet)."""
-    return None if _LIB is not None else _REASON
+    return _KERNEL.reason
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [N, K] bf16 (K even) in the kernel's layout: a flat bf16 tensor (about the
     weight's size, outputs padded to a multiple of 64)."""
     if not available():
-        raise RuntimeError(f"the blocked CPU linear is unavailable: {_REASON}")
+        raise RuntimeError(f"the blocked CPU linear is unavailable: {_KERNEL.reason}")
     if (
         weight.dtype != torch.bfloat16
         or weight.dim() != 2
@@ -80,8 +63,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
         )
     w = weight.detach().contiguous()
     n, k = w.shape
-    out = torch.empty(_LIB.packed_elements(n, k), dtype=torch.bfloat16)
-    _LIB.pack_weight(w.data_ptr(), out.data_ptr(), n, k)
+    out = torch.empty(_KERNEL.lib.packed_elements(n, k), dtype=torch.bfloat16)
+    _KERNEL.lib.pack_weight(w.data_ptr(), out.data_ptr(), n, k)
     return out
 
 
@@ -91,7 +74,12 @@ def blocked_linear(
     """``x @ w.T + bias`` for ``x`` [..., K] bf16 and ``packed = pack(w)`` with ``w`` [n, K]; K-blocks
     of ``block`` elements (even), each row in the same order; returns [..., n] bf16."""
     k = x.shape[-1]
-    if x.dtype != torch.bfloat16 or block <= 0 or block % 2 or packed.numel() != _LIB.packed_elements(n, k):
+    if (
+        x.dtype != torch.bfloat16
+        or block <= 0
+        or block % 2
+        or packed.numel() != _KERNEL.lib.packed_elements(n, k)
+    ):
         raise ValueError(
             f"blocked_linear: x must be bf16 with the packed weight's K and block even and positive "
             f"(x {x.dtype} {tuple(x.shape)}, n={n}, block={block})"
@@ -102,7 +90,7 @@ def blocked_linear(
     if bias is not None:
         bias = bias.detach().to(torch.bfloat16).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-    _LIB.blocked_linear(
+    _KERNEL.lib.blocked_linear(
         rows.data_ptr(),
         rows.stride(0),
         packed.data_ptr(),
