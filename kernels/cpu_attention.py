@@ -103,3 +103,13 @@ def tree_attention(
         out.data_ptr(),
     )
     return out
+
+
+def attend_all(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """One position's queries ``[1, Hq, D]`` over every row of ``key``/``value`` ``[Hkv, R, D]``
+    (a one-token decoding step): ``tree_attention`` with no ancestors."""
+    return tree_attention(query, key, value, key.shape[1], _NO_ROWS, _NO_WIDTH, scale)
+
+
+_NO_ROWS = torch.zeros(1, 0, dtype=torch.int64)  # read-only: shared by every attend_all call
+_NO_WIDTH = torch.zeros(1, dtype=torch.int64)

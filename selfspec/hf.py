@@ -234,16 +234,7 @@ def tree_attention_forward(
             and cpu_kernel_attention(module, query, scale)
         ):
             # A one-token step: the kernel computes the library's bits, without its per-head overhead.
-            none = torch.zeros(1, 0, dtype=torch.int64)
-            out = cpu_attention.tree_attention(
-                query[0].transpose(0, 1),
-                key[0],
-                value[0],
-                kv_len,
-                none,
-                torch.zeros(1, dtype=torch.int64),
-                scale,
-            )
+            out = cpu_attention.attend_all(query[0].transpose(0, 1), key[0], value[0], scale)
             return out[None], None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None:
@@ -269,14 +260,8 @@ def tree_attention_forward(
 
 
 _KERNEL_CHECKED: dict[tuple, bool] = {}  # (Hq, Hkv, D, scale, threads) -> kernel bitwise equal to SDPA here
-KERNEL_CHECK_LENGTHS = (
-    1,
-    7,
-    64,
-    100,
-    513,
-    1100,
-)  # key counts checked: tails, one block, two and three blocks
+# key counts checked: tails, one block, two and three blocks
+KERNEL_CHECK_LENGTHS = (1, 7, 64, 100, 513, 1100)
 
 
 def cpu_kernel_attention(module: torch.nn.Module, query: torch.Tensor, scale: float) -> bool:
@@ -312,10 +297,7 @@ def _kernel_matches_sdpa(hq: int, hkv: int, d: int, scale: float, groups: int) -
             k = (torch.randn(hkv, length, d, generator=g) * 1.5).bfloat16()
             v = torch.randn(hkv, length, d, generator=g).bfloat16()
             ref, _ = sdpa_attention_forward(probe, q[:, :, None], k[None], v[None], None, 0.0, scale)
-            no_rows = torch.zeros(1, 0, dtype=torch.int64)
-            out = cpu_attention.tree_attention(
-                q, k, v, length, no_rows, torch.zeros(1, dtype=torch.int64), scale
-            )
+            out = cpu_attention.attend_all(q, k, v, scale)
             if not torch.equal(out, ref[0]):
                 return False
     return True
@@ -333,8 +315,8 @@ def _per_node_attention(
 ) -> torch.Tensor:
     """Tree attention with each node's result bitwise what a one-token step computes there
     (row invariance, see ``selfspec.invariance``). Where ``cpu_kernel_attention`` allows it, one
-    call of the CPU kernel for all nodes (the prefix read in place). Otherwise per depth d, one unmasked SDPA call over a batch
-    of single-query problems, node i attending to exactly its own P + d + 1 keys (the prefix, then
+    call of the CPU kernel for all nodes (the prefix read in place). Otherwise per depth d, one
+    unmasked SDPA call over a batch of single-query problems, node i attending to exactly its own P + d + 1 keys (the prefix, then
     its ancestors in depth order), which is the call plain decoding makes at that position. A
     masked call over all T queries reduces over other key counts and blocks and differs in the
     last bit. The cost: a copy of the prefix's K/V per node that is not on the tree's first chain,

@@ -52,14 +52,8 @@ from selfspec.kernels import cpu_linear
 PROBE_ROWS = (2, 3, 4, 8, 16, 32, 64)  # row counts a verify forward may use (tree sizes)
 PROBE_OUTPUTS = 8192  # outputs compared per row count at least: a K-blocking difference flips the
 # last bit of ~1 output in 1000 (measured: 2-3 of 16 rows of 576 outputs), so this finds it surely
-KERNEL_BLOCKS = (
-    512,
-    256,
-    1024,
-    128,
-    2048,
-    4096,
-)  # K-block sizes tried for the blocked kernel, likeliest first
+# K-block sizes tried for the blocked kernel, likeliest first
+KERNEL_BLOCKS = (512, 256, 1024, 128, 2048, 4096)
 _PROBED: dict[tuple, bool] = {}  # (N, K, bias, dtype, device type, threads) -> row-invariant
 _BLOCKS: dict[tuple, int | None] = {}  # same key -> kernel block size reproducing one-row calls, or None
 
@@ -114,30 +108,27 @@ def kernel_block(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.d
     return _BLOCKS[key]
 
 
-def variant_linear_shapes(model: nn.Module) -> frozenset[tuple[int, int]]:
-    """The ``(out_features, in_features)`` of the model's linear layers that are not row-invariant
-    here (probed once per distinct shape; a few ms each). CUDA is not probed: verification there
-    runs the Triton kernels and its GEMMs are outside this module's reach (GPU check open)."""
-    out = set()
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
-            n, k = module.weight.shape
-            if not row_invariant(n, k, module.bias is not None, module.weight.dtype, module.weight.device):
-                out.add((int(n), int(k)))
-    return frozenset(out)
-
-
-def linear_plans(model: nn.Module) -> dict[nn.Linear, int | None]:
-    """For each linear layer of ``model`` that is not row-invariant here: the blocked kernel's block
-    size that reproduces its one-row calls, or None for one library call per row."""
-    plans = {}
+def _variant_layers(model: nn.Module):
+    """The model's CPU linear layers that are not row-invariant here, with their probe arguments
+    (probed once per distinct shape; a few ms each). CUDA is not probed: verification there runs
+    the Triton kernels and its GEMMs are outside this module's reach (GPU check open)."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
             n, k = module.weight.shape
             args = (int(n), int(k), module.bias is not None, module.weight.dtype, module.weight.device)
             if not row_invariant(*args):
-                plans[module] = kernel_block(*args)
-    return plans
+                yield module, args
+
+
+def variant_linear_shapes(model: nn.Module) -> frozenset[tuple[int, int]]:
+    """The ``(out_features, in_features)`` of the model's linear layers that are not row-invariant here."""
+    return frozenset(args[:2] for _, args in _variant_layers(model))
+
+
+def linear_plans(model: nn.Module) -> dict[nn.Linear, int | None]:
+    """For each linear layer of ``model`` that is not row-invariant here: the blocked kernel's block
+    size that reproduces its one-row calls, or None for one library call per row."""
+    return {module: kernel_block(*args) for module, args in _variant_layers(model)}
 
 
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (weight, version, packed)
