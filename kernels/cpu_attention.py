@@ -113,3 +113,21 @@ def attend_all(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
 
 _NO_ROWS = torch.zeros(1, 0, dtype=torch.int64)  # read-only: shared by every attend_all call
 _NO_WIDTH = torch.zeros(1, dtype=torch.int64)
+
+
+def cancelling_case(
+    hq: int, hkv: int, d: int, length: int, scale: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 ``query [1, Hq, D]``, ``key``/``value [Hkv, length, D]`` whose attention
+    outputs cancel to about 2^-8 of their terms (each value column has the softmax-weighted mean
+    of the group's first head subtracted), so a different summation order shows in the bf16 output
+    about once in a few hundred outputs instead of once in ~65k. Plain random inputs hide order
+    differences; this is what a bitwise check of the kernel against the library should use."""
+    q = (torch.randn(1, hq, d, generator=generator) * 2).bfloat16()
+    k = torch.randn(hkv, length, d, generator=generator).bfloat16()
+    v = torch.randn(hkv, length, d, generator=generator)
+    group = hq // hkv
+    for h in range(hkv):
+        p = torch.softmax((k[h].float() @ q[0, h * group].float()) * scale, dim=-1)
+        v[h] -= p @ v[h]
+    return q, k, v.bfloat16()

@@ -260,8 +260,8 @@ def tree_attention_forward(
 
 
 _KERNEL_CHECKED: dict[tuple, bool] = {}  # (Hq, Hkv, D, scale, threads) -> kernel bitwise equal to SDPA here
-# key counts checked: tails, one block, two and three blocks
-KERNEL_CHECK_LENGTHS = (1, 7, 64, 100, 513, 1100)
+# key counts checked: every tail of a 4-key group and of a 16-key exp chunk, one block, two and three blocks
+KERNEL_CHECK_LENGTHS = (1, 2, 3, 6, 7, 18, 19, 62, 63, 64, 100, 514, 515, 1100, 1103)
 
 
 def cpu_kernel_attention(module: torch.nn.Module, query: torch.Tensor, scale: float) -> bool:
@@ -292,10 +292,8 @@ def _kernel_matches_sdpa(hq: int, hkv: int, d: int, scale: float, groups: int) -
     g = torch.Generator().manual_seed(hq * 1009 + d)
     probe = type("Probe", (), {"is_causal": True, "training": False, "num_key_value_groups": groups})()
     for length in KERNEL_CHECK_LENGTHS:
-        for _ in range(2):
-            q = torch.randn(1, hq, d, generator=g).bfloat16()
-            k = (torch.randn(hkv, length, d, generator=g) * 1.5).bfloat16()
-            v = torch.randn(hkv, length, d, generator=g).bfloat16()
+        for _ in range(6):
+            q, k, v = cpu_attention.cancelling_case(hq, hkv, d, length, scale, g)
             ref, _ = sdpa_attention_forward(probe, q[:, :, None], k[None], v[None], None, 0.0, scale)
             out = cpu_attention.attend_all(q, k, v, scale)
             if not torch.equal(out, ref[0]):

@@ -5,6 +5,7 @@ Every tree node's output must be bitwise that call over the node's own keys (the
 its ancestors); the check the engine runs at load time is tested for both answers."""
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,40 @@ def test_every_node_is_bitwise_the_one_query_sdpa_call(prefix, heads):
     for i, a in enumerate(anc):
         keys = torch.cat([torch.arange(prefix), torch.tensor(a)])
         assert torch.equal(out[i], _reference(q[i], k, v, keys, 0.125, hq // hkv)), f"node {i}"
+
+
+def _one_position(q, k, v, scale):
+    none = torch.zeros(1, 0, dtype=torch.int64)
+    return cpu_attention.tree_attention(q, k, v, k.shape[1], none, torch.zeros(1, dtype=torch.int64), scale)[0]
+
+
+def test_bitwise_on_cancelling_outputs_at_every_tail_length():
+    """Outputs that cancel to a few ulps of their terms expose any difference in summation order
+    (plain random inputs flip a bf16 output about once in 65k and hid a wrong order for the last
+    1-3 keys of a block, which real decoding then found). Every key count up to 140 covers every
+    tail of the 4-key p.V groups and the 16-key exp chunks; 509-517 and 1022-1027 cross blocks."""
+    g = torch.Generator().manual_seed(11)
+    for length in [*range(1, 141), *range(509, 518), *range(1022, 1028)]:
+        q, k, v = cpu_attention.cancelling_case(9, 3, 64, length, 0.125, g)
+        ref = _reference(q[0], k, v, torch.arange(length), 0.125, 3)
+        assert torch.equal(_one_position(q, k, v, 0.125), ref), f"{length} keys"
+
+
+def test_cancelling_case_cancels():
+    """The check's inputs are only sensitive if their outputs are far smaller than their terms."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = cpu_attention.cancelling_case(9, 3, 64, 200, 0.125, g)
+    out = _reference(q[0], k, v, torch.arange(200), 0.125, 3).float()
+    assert out[::3].abs().median() < v.float().abs().median() / 64  # each group's first head cancels
+
+
+def test_the_captured_decoding_case_is_bitwise():
+    """One decode step's attention inputs from the default model (63 keys, 9 heads) on which an
+    earlier kernel differed from the library by one ulp in one output (benchmarks/cases)."""
+    case = Path(__file__).parents[1] / "benchmarks" / "cases" / "attention_divergence_63keys.pt"
+    q, k, v, scale = torch.load(case)
+    ref = _reference(q[0], k, v, torch.arange(k.shape[1]), scale, 3)
+    assert torch.equal(_one_position(q, k, v, scale), ref)
 
 
 def test_head_size_128_and_another_scale():

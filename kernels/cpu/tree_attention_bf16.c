@@ -14,7 +14,9 @@
  *    rest in order; sum = fma(expf(previous max - m), previous sum, block sum);
  *  - p_j = bf16(e_j); the output accumulator is scaled by expf(previous max - m) after the first
  *    block, then gets the block's p.V added in groups of 4 keys, (x0 + x2) + (x1 + x3), groups in
- *    order (the first block's first group initialises it);
+ *    order (the first block's first group initialises it); the 1-3 keys after the last whole group
+ *    are added one at a time, last key first: ((acc + x2) + x1) + x0 (found on inputs whose outputs
+ *    cancel to a few ulps of their terms, where any other order shows);
  *  - out = bf16(acc * (1 / sum)).
  * The caller checks the result bitwise against the library at load time and falls back to it
  * where they differ. Plain C, no torch headers, called through ctypes, single-threaded. */
@@ -130,19 +132,28 @@ TARGET static void one_query(const uint16_t *q, const uint16_t *kq, const uint16
         gmax = m;
         if (n0 > 0)
             for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(acc + c, _mm512_mul_ps(_mm512_loadu_ps(acc + c), _mm512_set1_ps(et)));
-        for (int64_t g = 0; g < nb; g += 4) {
+        int64_t whole = nb & ~(int64_t)3;
+        for (int64_t g = 0; g < whole; g += 4) {
             const uint16_t *vr[4];
             __m512 pw[4];
             for (int i = 0; i < 4; i++) {
-                int real = g + i < nb;
-                vr[i] = real ? row_ptr(vq, row_stride, prefix, anc, n0 + g + i) : NULL;
-                pw[i] = _mm512_set1_ps(real ? bf16_to_f32(prob[g + i]) : 0.f);
+                vr[i] = row_ptr(vq, row_stride, prefix, anc, n0 + g + i);
+                pw[i] = _mm512_set1_ps(bf16_to_f32(prob[g + i]));
             }
             for (int64_t c = 0; c < d; c += 16) {
                 __m512 x[4];
-                for (int i = 0; i < 4; i++) x[i] = vr[i] ? _mm512_mul_ps(load16_bf16(vr[i] + c), pw[i]) : _mm512_setzero_ps();
+                for (int i = 0; i < 4; i++) x[i] = _mm512_mul_ps(load16_bf16(vr[i] + c), pw[i]);
                 __m512 gs = _mm512_add_ps(_mm512_add_ps(x[0], x[2]), _mm512_add_ps(x[1], x[3]));
                 __m512 run = (n0 == 0 && g == 0) ? gs : _mm512_add_ps(_mm512_loadu_ps(acc + c), gs);
+                _mm512_storeu_ps(acc + c, run);
+            }
+        }
+        for (int64_t g = nb - 1; g >= whole; g--) {
+            const uint16_t *vr = row_ptr(vq, row_stride, prefix, anc, n0 + g);
+            __m512 pw = _mm512_set1_ps(bf16_to_f32(prob[g]));
+            for (int64_t c = 0; c < d; c += 16) {
+                __m512 x = _mm512_mul_ps(load16_bf16(vr + c), pw);
+                __m512 run = (n0 == 0 && whole == 0 && g == nb - 1) ? x : _mm512_add_ps(_mm512_loadu_ps(acc + c), x);
                 _mm512_storeu_ps(acc + c, run);
             }
         }
