@@ -145,11 +145,14 @@ def _check_paths(args: argparse.Namespace, methods: list[str]) -> None:
     check_model_arg(args.model)
     if args.assistant:
         check_model_arg(args.assistant)
-    if "selfspec" in methods:
+    from selfspec.eval.methods import NEEDS_DRAFTER
+
+    needs = [m for m in methods if m in NEEDS_DRAFTER]
+    if needs:
         if args.drafter == "none":
             raise UsageError(
-                "method 'selfspec' needs a drafter but --drafter is 'none'; pass a drafter directory "
-                "or drop selfspec from --methods"
+                f"method '{needs[0]}' needs a drafter but --drafter is 'none'; pass a drafter directory "
+                f"or drop {needs[0]} from --methods"
             )
         if not _drafter_available(args.drafter):
             what = (
@@ -158,8 +161,8 @@ def _check_paths(args: argparse.Namespace, methods: list[str]) -> None:
                 else f"{args.drafter} is not a directory"
             )
             raise UsageError(
-                f"method 'selfspec' needs a drafter but {what}; pass --drafter DIR (from `selfspec "
-                "train`) or drop selfspec from --methods"
+                f"method '{needs[0]}' needs a drafter but {what}; pass --drafter DIR (from `selfspec "
+                f"train`) or drop {needs[0]} from --methods"
             )
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a directory")

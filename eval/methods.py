@@ -6,6 +6,9 @@
 - ``engine``: ``selfspec.generate`` without a drafter: one token per step through the same engine,
   the baseline that isolates what the drafter buys.
 - ``selfspec``: ``selfspec.generate`` with the drafter.
+- ``lookup``: ``selfspec.generate`` with no drafter and lookup branches (n-gram matches in the prompt
+  and the generated text, ``selfspec.lookup``): selfspec's answer to ``pld``.
+- ``selfspec+lookup``: the drafter's tree and lookup branches merged into one tree.
 
 Sampling options reach HF and selfspec as the same keyword arguments. ``selfspec.generate`` is
 asked only for what its signature accepts; temperature > 0 with a build whose ``generate`` has
@@ -20,8 +23,9 @@ from typing import Any
 
 import torch
 
-METHODS = ("hf", "pld", "assisted", "engine", "selfspec")
-SELFSPEC_METHODS = ("engine", "selfspec")  # the ones that run selfspec.generate
+METHODS = ("hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup")
+SELFSPEC_METHODS = ("engine", "selfspec", "lookup", "selfspec+lookup")  # the ones that run selfspec.generate
+NEEDS_DRAFTER = ("selfspec", "selfspec+lookup")
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,10 @@ class SelfspecMethod:
         tree: Any = "static",
         acceptance: str = "exact",
         verify: str = "exact",
+        lookup: Any = None,
     ):
         self.name, self.model, self.drafter = name, model, drafter
-        self.tree, self.acceptance, self.verify = tree, acceptance, verify
+        self.tree, self.acceptance, self.verify, self.lookup = tree, acceptance, verify, lookup
         self.accepted = selfspec_parameters()
 
     def generate(
@@ -142,10 +147,13 @@ class SelfspecMethod:
             tree=self.tree,
             acceptance=self.acceptance,
             verify=self.verify,
+            **({"lookup": self.lookup} if self.lookup is not None else {}),
             **sampling.selfspec_kwargs(self.accepted),
         )
         s = result.stats
         return {
+            "lookup_proposed": s.lookup_proposed,
+            "lookup_accepted": s.lookup_accepted,
             "tokens": result.sequences[0, ids.shape[1] :].tolist(),
             "prefill_s": s.prefill_s,
             "steps": s.steps,
@@ -165,8 +173,14 @@ def build_methods(
     tree: Any = "static",
     acceptance: str = "exact",
     verify: str = "exact",
+    lookup: Any = None,
 ) -> dict[str, Any]:
-    """name -> method object, in the order given. ``tree``/``acceptance``/``verify`` apply to 'selfspec'."""
+    """name -> method object, in the order given. ``tree``/``acceptance``/``verify`` apply to the
+    drafter methods; ``lookup`` (a ``selfspec.lookup.Lookup``, default settings if None) to the
+    lookup methods."""
+    from selfspec.lookup import Lookup
+
+    lookup = lookup or Lookup()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[str, Any] = {}
     for name in names:
@@ -180,12 +194,15 @@ def build_methods(
             out[name] = HFMethod(name, model, pad, assistant_model=assistant)
         elif name == "engine":
             out[name] = SelfspecMethod(name, model, None)
-        elif name == "selfspec":
+        elif name == "lookup":
+            out[name] = SelfspecMethod(name, model, None, acceptance=acceptance, verify=verify, lookup=lookup)
+        elif name in NEEDS_DRAFTER:
             if drafter is None:
                 raise ValueError(
-                    "method 'selfspec' needs a drafter; pass --drafter DIR or drop it from --methods"
+                    f"method '{name}' needs a drafter; pass --drafter DIR or drop it from --methods"
                 )
-            out[name] = SelfspecMethod(name, model, drafter, tree, acceptance, verify)
+            extra = lookup if name == "selfspec+lookup" else None
+            out[name] = SelfspecMethod(name, model, drafter, tree, acceptance, verify, lookup=extra)
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return out

@@ -11,7 +11,13 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-DRAFTING = ("pld", "assisted", "selfspec")  # methods whose forwards can produce more than one token
+DRAFTING = (
+    "pld",
+    "assisted",
+    "selfspec",
+    "lookup",
+    "selfspec+lookup",
+)  # methods whose forwards can produce more than one token
 
 
 def median(values: Iterable[float]) -> float | None:

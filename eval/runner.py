@@ -169,7 +169,11 @@ def load(config: EvalConfig) -> Context:
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = selfspec.load_target(config.model, dtype=config.dtype, device=config.device)
-    drafter = pick_drafter(config.drafter, model, quiet=True) if "selfspec" in config.methods else None
+    drafter = (
+        pick_drafter(config.drafter, model, quiet=True)
+        if set(config.methods) & set(M.NEEDS_DRAFTER)
+        else None
+    )
     assistant = None
     if "assisted" in config.methods:
         assistant, assistant_tok = selfspec.load_target(

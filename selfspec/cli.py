@@ -113,6 +113,23 @@ def add_decoding_args(p: argparse.ArgumentParser, tree_default: str = "static") 
         default="exact",
         help=VERIFY_HELP + " (default: %(default)s)",
     )
+    p.add_argument(
+        "--lookup",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="add draft branches copied from the context (n-gram matches in the prompt and the text "
+        "generated so far) to every step's tree, within its node budget; with --drafter none it "
+        "speculates with no trained drafter. Pays when the reply repeats its input (summaries, "
+        "rewrites, code edits) (default: off)",
+    )
+    p.add_argument(
+        "--lookup-len",
+        type=int,
+        default=8,
+        metavar="N",
+        help="longest lookup branch in tokens; the length used follows what the model accepted "
+        "(default: %(default)s)",
+    )
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,7 +144,16 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         tree = parse_tree(args.tree)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    lookup = None
+    if args.lookup:
+        from selfspec.lookup import Lookup
+
+        try:
+            lookup = Lookup(max_len=args.lookup_len)
+        except ValueError as e:
+            raise UsageError(f"--lookup-len: {e}") from e
     return {
+        "lookup": lookup,
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
@@ -261,6 +287,9 @@ def run_generate(args: argparse.Namespace) -> int:
         "tree_nodes": s.tree_nodes,
         "dtype": str(model.dtype).removeprefix("torch."),
         "verify": args.verify,
+        "lookup": bool(args.lookup),
+        "lookup_proposed": s.lookup_proposed,
+        "lookup_accepted": s.lookup_accepted,
     }
     if args.compare:
         report.update(
@@ -349,6 +378,8 @@ def print_summary(r: dict[str, Any]) -> None:
         f"\n[selfspec] {r['new_tokens']} tokens in {r['wall_s']:.2f}s = {r['tokens_per_s']:.1f} tok/s, "
         f"tau {r['tau']:.2f} over {r['steps']} verify steps, drafter: {r['drafter']}"
     )
+    if r.get("lookup"):
+        line += f", lookup: {r['lookup_accepted']} of {r['lookup_proposed']} proposed tokens kept"
     print(line, file=sys.stderr)
     if "speedup_vs_hf" in r:
         per_round = r.get("speedup_vs_hf_per_round") or []

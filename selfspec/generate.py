@@ -10,6 +10,7 @@ same engine: the fair baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from selfspec.hf import (
     selfspec_attention,
     target_forward,
 )
+from selfspec.lookup import Lookup, merged_tree
 from selfspec.sampling import LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
-from selfspec.tree import DynamicTree, TreeBuffers, chain
+from selfspec.tree import DynamicTree, TreeBuffers, chain, tree_from_parents
 
 ACCEPTANCE = ("exact", "typical")
 
@@ -56,6 +58,8 @@ class Stats:
     draft_s: float = 0.0  # time in drafter.propose, over all steps
     verify_s: float = 0.0  # time in the target's verify forwards (after the prefill)
     accept_s: float = 0.0  # acceptance rule + KV commit
+    lookup_proposed: int = 0  # drafted nodes that came from lookup branches (selfspec.lookup)
+    lookup_accepted: int = 0  # of those, tokens the target kept
 
     def record_step(self, produced: int) -> None:
         self.steps += 1
@@ -219,6 +223,7 @@ def generate(
     logits_processor: LogitsProcessor | None = None,
     acceptance: str = "exact",
     verify: str = "exact",
+    lookup: Lookup | bool | None = None,
 ) -> GenerationResult:
     """Speculative decoding. Greedy output equals ``model.generate(do_sample=False)``; with
     ``temperature > 0`` the output follows the target's (warped) distribution exactly.
@@ -234,6 +239,9 @@ def generate(
     verify: "exact" (every tree node computes bitwise what a one-token step computes, so greedy
     output is bitwise ``model.generate``'s in any dtype) or "batched" (one masked pass, cheaper on
     a CPU, exact only up to floating-point near-ties); see ``selfspec.hf.VERIFY``.
+    lookup: True (default settings) or a ``selfspec.lookup.Lookup`` adds branches copied from the
+    context (n-gram matches in the prompt and the generated text) to every step's tree, within the
+    tree's node budget; with ``drafter=None`` it speculates with no trained drafter at all.
     """
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
@@ -243,25 +251,37 @@ def generate(
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompt = _prompt(input_ids).to(model.device)
     check_lengths(model, prompt.numel(), max_new_tokens)
+    lookup = _lookup_arg(lookup)
     tree = resolve_tree(tree, drafter, model, verify)
     tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
     dec = Decoding(
         sampling, acceptance, logits_processor, sampling.make_generator(model.device), verify == "exact"
     )
-    if verify == "exact" and drafter is not None:
+    if verify == "exact" and (drafter is not None or lookup is not None):
         row_exact(
             model
         )  # measures which linear shapes need row-exact GEMMs once per process, before the clock starts
-    return _run(model, prompt, drafter, tree, max_new_tokens, _eos_set(model, eos_token_id), streamer, dec)
+    eos = _eos_set(model, eos_token_id)
+    return _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, lookup)
 
 
-def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> GenerationResult:
+def _lookup_arg(lookup: Lookup | bool | None) -> Lookup | None:
+    if lookup is None or lookup is False:
+        return None
+    if lookup is True:
+        return Lookup()
+    if isinstance(lookup, Lookup):
+        return lookup.fresh()  # state is per call; the caller's object only carries settings
+    raise ValueError(f"lookup must be True, False, None or a selfspec.lookup.Lookup, got {lookup!r}")
+
+
+def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, lookup=None) -> GenerationResult:
     start = time.perf_counter()
     if isinstance(tree, TreeBuffers) and tree.size == 1:
         drafter = None  # a root-only tree drafts nothing (tree="auto" picks it where drafting does not pay)
     stats = Stats(tree_nodes=tree.budget if isinstance(tree, DynamicTree) else tree.size)
     _stream(streamer, prompt[None])
-    max_len = prompt.numel() + max_new_tokens + _tree_rows(tree)
+    max_len = prompt.numel() + max_new_tokens + _tree_rows(tree) + (lookup.max_nodes if lookup else 0)
     with selfspec_attention(model):
         cache = StoreCache(new_store(model, max_len))
         state = drafter.begin(max_len) if drafter is not None else None
@@ -269,11 +289,16 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec) -> Ge
         cache.store.commit(torch.arange(prompt.numel()))
         token = dec.first_token(first.logits[-1], prompt)  # [1]
         stats.prefill_s = time.perf_counter() - start
-        loop = _Loop(model, cache, drafter, state, tree, dec, prompt)
+        if lookup is not None:
+            lookup.begin(prompt.tolist() + token.tolist())
+        loop = _Loop(model, cache, drafter, state, tree, dec, prompt, lookup)
         out = loop.run(first.hidden, torch.cat([prompt[1:], token]), max_new_tokens, eos, streamer, stats)
     if streamer is not None:
         streamer.end()
     depth = tree.depth if isinstance(tree, DynamicTree) else tree.max_depth
+    if lookup is not None:
+        depth = max(depth, lookup.max_len)
+        stats.lookup_proposed, stats.lookup_accepted = lookup.proposed_nodes, lookup.accepted_tokens
     stats.finish(out.numel(), time.perf_counter() - start, depth)
     return GenerationResult(sequences=torch.cat([prompt, out])[None], stats=stats)
 
@@ -302,6 +327,8 @@ class _Loop:
     tree: TreeBuffers | DynamicTree
     dec: Decoding
     prompt: torch.Tensor  # [n]
+    lookup: Lookup | None = None
+    _pruned: dict = field(default_factory=dict)  # drafter trees cut to a smaller budget, by size
 
     def run(self, hidden, next_tokens, max_new_tokens, eos, streamer, stats) -> torch.Tensor:
         """hidden [n, H] / next_tokens [n]: the newly committed positions. Returns new tokens [m]."""
@@ -322,10 +349,14 @@ class _Loop:
         """Draft, verify in one forward, accept, commit. Returns the kept tokens + bonus [k] and
         the target's hidden state at each kept node [k, H]."""
         t0 = time.perf_counter()
+        branches = self.lookup.propose(self._lookup_room()) if self.lookup is not None else []
+        drafted = sum(len(b) for b in branches)
         if self.drafter is not None:
-            draft = self.drafter.propose(self.state, hidden, next_tokens, self.tree)
+            draft = self.drafter.propose(self.state, hidden, next_tokens, self._drafter_tree(drafted))
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
+        if branches:
+            draft = Draft(*merged_tree(draft.tree, draft.tokens, branches))
         t1 = time.perf_counter()
         mask = (
             TreeMask(draft.tree.ancestor_mask, backend, self.dec.exact_verify)
@@ -344,7 +375,36 @@ class _Loop:
         acc = self.dec.accept(out.logits, draft, committed)
         self.cache.store.commit(acc.path)
         kept = torch.cat([draft.tokens[acc.path[1:]], acc.bonus.reshape(1)])  # drafted kept + bonus
+        if self.lookup is not None:
+            self.lookup.update(kept.tolist())
         stats.draft_s += t1 - t0
         stats.verify_s += t2 - t1
         stats.accept_s += time.perf_counter() - t2
         return kept, out.hidden[acc.path]
+
+    def _lookup_room(self) -> int:
+        """Drafted nodes the lookup may add this step: its own budget with no drafter; else half
+        the tree's budget, or its current run length where that is longer (a run that has been
+        right, see ``Lookup.update``)."""
+        if self.drafter is None:
+            return self.lookup.max_nodes
+        return max(self._budget() // 2, self.lookup.length)
+
+    def _budget(self) -> int:
+        return self.tree.budget if isinstance(self.tree, DynamicTree) else self.tree.size
+
+    def _drafter_tree(self, lookup_nodes: int) -> TreeBuffers | DynamicTree:
+        """The drafter's tree with its budget less the nodes the lookup took, so both sources
+        share one node budget, split by the lookup's length (which follows its measured
+        acceptance); the drafter keeps at least half of it (and 2 nodes). A static tree keeps its
+        first nodes (by depth, then rank); a dynamic tree selects fewer."""
+        budget = self._budget()
+        keep = max(budget - lookup_nodes, min(budget, max(2, (budget + 1) // 2)))
+        if keep == budget:
+            return self.tree
+        if isinstance(self.tree, DynamicTree):
+            return dataclasses.replace(self.tree, budget=keep)
+        if keep not in self._pruned:
+            t = self.tree
+            self._pruned[keep] = tree_from_parents(t.parents[:keep], t.ranks[:keep])
+        return self._pruned[keep]

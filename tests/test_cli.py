@@ -36,6 +36,19 @@ def test_generate_json(capsys, tiny_checkpoint):
     assert 1 <= report["new_tokens"] <= 12 and report["tau"] == 1.0 and report["drafter"] == "none"
 
 
+def test_generate_with_lookup_and_no_drafter(capsys, tiny_checkpoint):
+    """--drafter none --lookup speculates from the context alone; the output equals plain decoding."""
+    common = ["generate", "--model", str(tiny_checkpoint), "--prompt", "the quick fox the quick fox"]
+    common += ["--max-new-tokens", "24", "--drafter", "none", "--json", "--no-chat-template"]
+    code, out, err = run(capsys, *common, "--lookup", "--lookup-len", "4")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["lookup"] is True and report["lookup_proposed"] > 0
+    code, plain, err = run(capsys, *common)
+    assert code == 0, err
+    assert json.loads(plain)["text"] == report["text"] and json.loads(plain)["lookup"] is False
+
+
 def test_generate_with_saved_drafter_and_compare(capsys, tiny_checkpoint, tmp_path):
     model, _ = selfspec.load_target(str(tiny_checkpoint))
     selfspec.new_drafter("eagle", model).save_pretrained(tmp_path / "d")
@@ -232,6 +245,7 @@ def test_sampling_flags(capsys, tiny_checkpoint, tmp_path):
         (["--top-p", "1.5"], "top_p must be in"),
         (["--tree", "bushy"], "--tree 'bushy' must be"),
         (["--tree", "0"], "must be static, dynamic, auto or a positive node count"),
+        (["--lookup", "--lookup-len", "0"], "--lookup-len: Lookup.max_len must be >= 1"),
     ],
 )
 def test_bad_decoding_flags(capsys, argv, message):

@@ -144,13 +144,13 @@ def test_every_method_schema_plots_and_wandb_offline(assets, tmp_path):
         "all",
         "--repeats",
         "2",
-        methods="hf,pld,assisted,engine,selfspec",
+        methods="hf,pld,assisted,engine,selfspec,lookup,selfspec+lookup",
         wandb="offline",
     )
     assert main(argv) == 0
     res = read_results(out)
     assert tuple(res) == results.RESULTS_FIELDS and res["complete"] and res["schema_version"] == 1
-    assert len(res["records"]) == 3 * 2 * 5  # questions x turns x methods
+    assert len(res["records"]) == 3 * 2 * 7  # questions x turns x methods
     for r in res["records"]:
         assert tuple(r) == results.RECORD_FIELDS
         assert len(r["runs"]) == 2 and r["new_tokens"] == len(r["tokens"]) > 0
@@ -160,8 +160,8 @@ def test_every_method_schema_plots_and_wandb_offline(assets, tmp_path):
         assert r["exact_match"] is (None if r["method"] == "hf" else True) and r["mismatch"] is None
     # every repeat ran every method once, in rotated orders
     orders = {r["method"]: [run["order"] for run in r["runs"]] for r in res["records"] if r["key"] == "q:1"}
-    assert sorted(o[0] for o in orders.values()) == list(range(5))
-    assert set(res["summary"]) == {"hf", "pld", "assisted", "engine", "selfspec"}
+    assert sorted(o[0] for o in orders.values()) == list(range(7))
+    assert set(res["summary"]) == {"hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup"}
     for agg in res["summary"].values():
         assert tuple(agg) == results.AGGREGATE_FIELDS
     assert res["summary"]["hf"]["speedup_vs_hf"] == pytest.approx(1.0)

@@ -1,0 +1,202 @@
+"""Lookup proposals: draft tokens copied from the context, no trained drafter needed.
+
+When a reply repeats its input (a summary, a rewrite, a code edit, an answer quoting a document)
+or itself, the tokens after an earlier occurrence of the current suffix predict the next ones.
+``NgramIndex`` keeps every n-gram of the sequence (prompt + generated tokens) with the positions
+where it ended, and grows with the sequence (``extend``): a query is a dictionary look-up, never a
+rescan. ``Lookup`` turns matches into draft branches (longest suffix match first, several
+matches as sibling branches) and adapts the branch length to what the target accepted: a run
+that has been right keeps growing up to ``max_len``, one that keeps failing shrinks to one token.
+
+``merge_draft`` puts the drafter's tree and the lookup branches into one tree (shared prefixes
+merged, so no node is verified twice); the target verifies it in one forward like any tree.
+Lookup nodes are deterministic proposals (q = a point mass), which the acceptance rules already
+handle, so greedy output stays the target's and sampling stays lossless.
+
+Plain Python over token lists (CPU-side): torch is used only to hand the merged tree over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from selfspec.tree import TreeBuffers, tree_from_parents
+
+MAX_LOOKED = 64  # occurrences examined per query: a common unigram can occur thousands of times
+
+
+class NgramIndex:
+    """Every n-gram (``min_n <= n <= max_n``) of a growing token sequence, with the positions where
+    it ends, restricted to occurrences followed by at least one token (so every match has a
+    continuation). ``extend`` costs O(max_n) per appended token."""
+
+    def __init__(self, min_n: int = 1, max_n: int = 4):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._ends: dict[tuple[int, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for tok in tokens:
+            self.tokens.append(int(tok))
+            end = len(self.tokens) - 2  # the n-grams ending here now have a continuation
+            for n in range(self.min_n, min(self.max_n, end + 1) + 1):
+                self._ends.setdefault(tuple(self.tokens[end - n + 1 : end + 1]), []).append(end)
+
+    def matches(self, n: int) -> list[int]:
+        """End positions of earlier occurrences of the last ``n`` tokens, most recent first."""
+        if n > len(self.tokens) or not self.min_n <= n <= self.max_n:
+            return []
+        return self._ends.get(tuple(self.tokens[-n:]), [])[::-1]
+
+    def continuations(self, length: int, branches: int) -> list[list[int]]:
+        """Up to ``branches`` distinct continuations of at most ``length`` tokens: longest suffix
+        match first, the most recent occurrence first within one suffix length. A continuation
+        that is a prefix of one already taken adds nothing and is skipped; one that extends a
+        taken one (a match near the end of the sequence is cut short) replaces it."""
+        out: list[list[int]] = []
+        if length < 1 or branches < 1:
+            return out
+        looked = 0
+        for n in range(min(self.max_n, len(self.tokens)), self.min_n - 1, -1):
+            for end in self.matches(n):
+                looked += 1
+                if looked > MAX_LOOKED or (len(out) == branches and all(len(c) == length for c in out)):
+                    return out
+                cont = self.tokens[end + 1 : end + 1 + length]
+                if any(taken[: len(cont)] == cont for taken in out):
+                    continue
+                shorter = next((k for k, taken in enumerate(out) if cont[: len(taken)] == taken), None)
+                if shorter is not None:
+                    out[shorter] = cont
+                elif len(out) < branches:
+                    out.append(cont)
+        return out
+
+
+@dataclass
+class Lookup:
+    """Lookup drafting settings and per-sequence state (one object per ``generate`` call).
+
+    max_len: the longest branch drafted; branches: sibling branches from different matches;
+    min_n/max_n: suffix lengths matched (longest first). The branch length starts at ``max_len``
+    and follows acceptance: all of it accepted -> doubles (up to ``max_len``); k < length
+    accepted -> k + 1 (so a failing run drafts one token)."""
+
+    max_len: int = 8
+    branches: int = 2
+    min_n: int = 1
+    max_n: int = 4
+    length: int = field(default=0, init=False)  # current branch length (0 = not started)
+    index: NgramIndex | None = field(default=None, init=False, repr=False)
+    proposed: list[list[int]] = field(default_factory=list, init=False, repr=False)
+    proposed_nodes: int = field(default=0, init=False)  # statistics over the whole call
+    accepted_tokens: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        for name, least in (("max_len", 1), ("branches", 1), ("min_n", 1), ("max_n", self.min_n)):
+            if getattr(self, name) < least:
+                raise ValueError(f"Lookup.{name} must be >= {least}, got {getattr(self, name)}")
+
+    def fresh(self) -> Lookup:
+        """The same settings with no state: one per sequence."""
+        return Lookup(self.max_len, self.branches, self.min_n, self.max_n)
+
+    def begin(self, tokens: Sequence[int]) -> None:
+        self.index = NgramIndex(self.min_n, self.max_n)
+        self.index.extend(tokens)
+        self.length = self.max_len
+
+    @property
+    def max_nodes(self) -> int:
+        """Most drafted nodes one step's branches can add."""
+        return self.max_len * self.branches
+
+    def propose(self, budget: int | None = None) -> list[list[int]]:
+        """Branches continuing the sequence as extended so far (its last token is the root), at
+        most ``budget`` drafted nodes in all (default ``max_nodes``)."""
+        if self.index is None:
+            raise RuntimeError("Lookup.begin(tokens) must run before propose()")
+        room = self.max_nodes if budget is None else budget
+        out = []
+        for cont in self.index.continuations(min(self.length, room), self.branches):
+            cont = cont[:room]  # the first (best) branch whole, later ones in what is left
+            if cont:
+                out.append(cont)
+                room -= len(cont)
+        self.proposed = out
+        self.proposed_nodes += sum(len(c) for c in out)
+        return out
+
+    def update(self, kept: Sequence[int]) -> None:
+        """After a step: ``kept`` = the accepted drafted tokens + the target's own token."""
+        if self.proposed:
+            hits = [_common_prefix(c, kept) for c in self.proposed]
+            hit = max(hits)
+            self.accepted_tokens += hit
+            whole = any(h == len(c) for h, c in zip(hits, self.proposed, strict=True))
+            self.length = min(2 * self.length, self.max_len) if whole else hit + 1
+        self.index.extend(kept)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def merge_draft(
+    parents: Sequence[int], tokens: Sequence[int], branches: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int], int]:
+    """Merge token branches below the root into a tree given by ``parents``/``tokens`` (node 0 the
+    root, parents before children, siblings with distinct tokens). A branch follows existing nodes
+    while its tokens match and adds nodes from there, so no path is verified twice. Returns the
+    merged parents and tokens, ordered by depth (every tree consumer's order), and the number of
+    nodes added."""
+    children: list[dict[int, int]] = [{} for _ in parents]
+    for i in range(1, len(parents)):
+        children[parents[i]][tokens[i]] = i
+    par, tok = list(parents), list(tokens)
+    for branch in branches:
+        node = 0
+        for t in branch:
+            nxt = children[node].get(t)
+            if nxt is None:
+                nxt = len(par)
+                par.append(node)
+                tok.append(int(t))
+                children.append({})
+                children[node][t] = nxt
+            node = nxt
+    added = len(par) - len(parents)
+    if not added:
+        return par, tok, 0
+    depth = [0] * len(par)
+    order = [0]  # breadth-first from the root: by depth, and parents before children
+    for node in order:
+        for child in children[node].values():
+            depth[child] = depth[node] + 1
+            order.append(child)
+    order.sort(key=lambda i: (depth[i], i))
+    new = {old: k for k, old in enumerate(order)}
+    return [-1] + [new[par[i]] for i in order[1:]], [tok[i] for i in order], added
+
+
+def merged_tree(draft_tree: TreeBuffers, draft_tokens: torch.Tensor, branches: Sequence[Sequence[int]]):
+    """``merge_draft`` on a drafted tree: returns (TreeBuffers, tokens [T]) or the inputs unchanged
+    when the branches add no node."""
+    parents, tokens, added = merge_draft(draft_tree.parents.tolist(), draft_tokens.tolist(), branches)
+    if not added:
+        return draft_tree, draft_tokens
+    device = draft_tokens.device
+    return tree_from_parents(torch.tensor(parents, device=device)), torch.tensor(tokens, device=device)

@@ -1,0 +1,204 @@
+"""Lookup proposals (selfspec.lookup): the n-gram index against a brute-force scan, the merged
+tree's structure, and the engine's promises with lookup branches in the tree: greedy output equals
+HF generate (lookup only, drafter + lookup) and sampled output follows the target (chi-square)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import selfspec
+from selfspec.lookup import Lookup, NgramIndex, merge_draft, merged_tree
+from selfspec.tree import DynamicTree, build_tree, tree_from_parents
+from tests.conftest import hf_greedy, make_tiny
+from tests.test_generate import randomized
+from tests.test_generate_sampling import chi2_pvalue, exact_two_token_probs
+
+
+def brute_matches(tokens, n):
+    """End positions i < len - 1 where tokens[i-n+1 .. i] equals the last n tokens, newest first."""
+    if n > len(tokens):
+        return []
+    suffix = tokens[-n:]
+    return [i for i in range(len(tokens) - 2, n - 2, -1) if tokens[i - n + 1 : i + 1] == suffix]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chunks=st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=6), min_size=1, max_size=12),
+    min_n=st.integers(1, 3),
+    extra=st.integers(0, 2),
+)
+def test_index_over_a_growing_sequence_equals_a_brute_force_scan(chunks, min_n, extra):
+    index, seen = NgramIndex(min_n, min_n + extra), []
+    for chunk in chunks:
+        index.extend(chunk)
+        seen += chunk
+        for n in range(1, min_n + extra + 2):
+            expected = brute_matches(seen, n) if min_n <= n <= min_n + extra else []
+            assert index.matches(n) == expected, (seen, n)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40), length=st.integers(1, 6))
+def test_continuations_follow_real_matches_longest_first(tokens, length):
+    index = NgramIndex(1, 3)
+    index.extend(tokens)
+    conts = index.continuations(length, branches=3)
+    assert len(conts) <= 3
+    for c in conts:
+        assert 1 <= len(c) <= length
+        # some suffix of the sequence occurs earlier followed by exactly this continuation
+        assert any(tokens[i + 1 : i + 1 + len(c)] == c for n in range(1, 4) for i in brute_matches(tokens, n))
+    for a in conts:  # no continuation is a prefix of an earlier one
+        assert sum(b[: len(a)] == a for b in conts) == 1
+    longest = next((n for n in range(3, 0, -1) if brute_matches(tokens, n)), None)
+    if longest is not None:
+        i = brute_matches(tokens, longest)[0]
+        assert conts[0][: len(tokens) - i - 1] == tokens[i + 1 : i + 1 + length]
+
+
+def _paths(parents, tokens):
+    out = []
+    for i in range(len(parents)):
+        p, node = [], i
+        while node > 0:
+            p.append(tokens[node])
+            node = parents[node]
+        out.append(tuple(reversed(p)))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 10), min_size=0, max_size=10),
+    tokens=st.lists(st.integers(0, 4), min_size=11, max_size=11),
+    branches=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=5), max_size=3),
+)
+def test_merged_tree_has_no_duplicate_paths_and_keeps_both_sources(shape, tokens, branches):
+    parents = [-1] + [min(p, i) for i, p in enumerate(shape)]  # a random tree, parents first
+    toks = tokens[: len(parents)]
+    # siblings must have distinct tokens in a drafted tree: drop duplicates
+    keep, seen = [0], {}
+    for i in range(1, len(parents)):
+        if parents[i] in keep and (keep.index(parents[i]), toks[i]) not in seen:
+            seen[keep.index(parents[i]), toks[i]] = True
+            keep.append(i)
+    parents = [-1] + [keep.index(parents[i]) for i in keep[1:]]
+    toks = [toks[i] for i in keep]
+    new_parents, new_tokens, added = merge_draft(parents, toks, branches)
+    paths = _paths(new_parents, new_tokens)
+    assert len(paths) == len(set(paths))  # no node verified twice
+    assert set(_paths(parents, toks)) <= set(paths)
+    for b in branches:
+        assert all(tuple(b[:k]) in paths for k in range(1, len(b) + 1))
+    assert len(new_parents) == len(parents) + added
+    assert added <= sum(len(b) for b in branches)
+    assert set(paths) == set(_paths(parents, toks)) | {
+        tuple(b[:k]) for b in branches for k in range(1, len(b) + 1)
+    }
+    tree = tree_from_parents(new_parents)  # validates parents before children
+    if added:  # a merged tree is re-ordered by depth (an unchanged one is returned as given)
+        assert torch.equal(tree.depths, tree.depths.sort().values)
+
+
+def test_merged_tree_returns_the_draft_unchanged_when_nothing_is_added():
+    tree = build_tree([(0,), (1,), (0, 0)])
+    tokens = torch.tensor([7, 1, 2, 3])
+    same_tree, same_tokens = merged_tree(tree, tokens, [[1, 3], [2]])
+    assert same_tree is tree and same_tokens is tokens
+    new_tree, new_tokens = merged_tree(tree, tokens, [[1, 3, 4]])
+    assert new_tree.size == 5 and new_tokens.tolist()[-1] == 4
+
+
+def test_branch_length_follows_acceptance():
+    lk = Lookup(max_len=8, branches=1)
+    lk.begin([1, 2, 3, 4, 5, 6, 7, 8, 9, 1])
+    assert lk.propose() == [[2, 3, 4, 5, 6, 7, 8, 9]]
+    lk.update([2, 3, 0])  # two accepted, then the target's own token
+    assert lk.length == 3 and lk.accepted_tokens == 2
+    assert lk.propose() == []  # nothing earlier follows a 0
+    lk.update([1])
+    assert lk.length == 3  # no proposal, no change
+    assert lk.propose() == [[2, 3, 0]]  # after the most recent 1
+    lk.update([7])  # nothing accepted
+    assert lk.length == 1 and lk.proposed_nodes == 11
+    assert lk.propose(budget=0) == []
+    with pytest.raises(ValueError, match="max_len"):
+        Lookup(max_len=0)
+
+
+REPEATING = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33, 5, 9, 17]])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_greedy_lookup_only_matches_hf(tiny_models, arch):
+    """No drafter: the tree holds only lookup branches. Random tiny models fall into loops, which
+    lookup then predicts: tokens must be kept (the branches are really verified) and equal HF's."""
+    model = tiny_models(arch)
+    accepted = 0
+    for ids in (REPEATING, torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))):
+        ref = hf_greedy(model, ids, 64)
+        out = selfspec.generate(model, ids, max_new_tokens=64, eos_token_id=[], lookup=True)
+        assert torch.equal(out.sequences, ref)
+        accepted += out.stats.lookup_accepted
+        assert out.stats.lookup_proposed > 0
+    assert accepted > 0
+
+
+@pytest.mark.parametrize(
+    "tree", ["static", DynamicTree(depth=3, top_k=3, expand=2, budget=8)], ids=["static", "dynamic"]
+)
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_greedy_drafter_plus_lookup_matches_hf(tiny_models, kind, tree):
+    model = tiny_models("llama")
+    drafter = randomized(selfspec.new_drafter(kind, model), seed=5)
+    ref = hf_greedy(model, REPEATING, 64)
+    out = selfspec.generate(
+        model,
+        REPEATING,
+        drafter=drafter,
+        tree=tree,
+        max_new_tokens=64,
+        eos_token_id=[],
+        lookup=Lookup(max_len=6),
+    )
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.lookup_accepted > 0
+
+
+def test_greedy_lookup_in_bf16_with_exact_verification_matches_hf():
+    model = make_tiny("qwen2", torch.bfloat16, seed=3)
+    ref = hf_greedy(model, REPEATING, 48)
+    out = selfspec.generate(model, REPEATING, max_new_tokens=48, eos_token_id=[], lookup=True)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_sampling_with_lookup_follows_target_distribution():
+    """Lookup branches are deterministic proposals (q = a point mass): the joint of the first two
+    sampled tokens must still follow the target's distribution (chi-square, significance 0.001)."""
+    model = make_tiny("llama", vocab=8, seed=31)
+    ids = torch.tensor([[1, 3, 5, 1, 3, 5, 1, 3]])
+    exact = exact_two_token_probs(model, ids, temperature=1.0)
+    counts = torch.zeros(8, 8, dtype=torch.float64)
+    proposed = 0
+    for seed in range(1500):
+        out = selfspec.generate(
+            model,
+            ids,
+            max_new_tokens=2,
+            temperature=1.0,
+            seed=seed,
+            eos_token_id=[],
+            lookup=Lookup(max_len=2),
+        )
+        a, b = out.sequences[0, -2:].tolist()
+        counts[a, b] += 1
+        proposed += out.stats.lookup_proposed
+    assert proposed > 0
+    assert chi2_pvalue(counts, exact) > 1e-3
+
+
+def test_bad_lookup_argument(tiny_models):
+    with pytest.raises(ValueError, match="lookup must be"):
+        selfspec.generate(tiny_models("llama"), REPEATING, lookup="yes")
