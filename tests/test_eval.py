@@ -8,6 +8,7 @@ The end-to-end runs use float64 so greedy exactness against HF is a hard equalit
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -503,3 +504,27 @@ def test_default_model_short_eval(tmp_path):
     res = read_results(out)
     assert len(res["records"]) == 6
     assert all(m["verdict"] == "near-tie" for m in res["mismatches"]), res["mismatches"]
+
+
+def test_grounded_set_embeds_development_passages_in_disjoint_splits(tmp_path):
+    from selfspec.eval import grounded
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (data / "train").is_dir():
+        pytest.skip("shared development data (../shared/data/train) not found next to the repository")
+    dev = grounded.build(data, "dev", 6)
+    test = grounded.build(data, "test", 6)
+    assert [q["category"] for q in dev] == [c for c in grounded.CATEGORIES for _ in range(6)]
+    assert not {q["turns"][0] for q in dev} & {q["turns"][0] for q in test}
+    eval_texts = "".join((data / "eval" / f).read_text() for f in ("mt_bench.jsonl", "alpaca.jsonl", "qa.jsonl"))
+    for q in dev + test:
+        assert len(q["turns"]) == 1 and len(q["turns"][0]) > 300
+        passage = q["turns"][0].split("\n\n", 1)[1][:120]
+        assert passage not in eval_texts  # from the development data, never the evaluation sets
+    out = tmp_path / "g.jsonl"
+    assert grounded.main(["--data", str(data), "--split", "test", "--per-category", "2", "--out", str(out)]) == 0
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [
+        f"grounded-test-{i}" for i in range(1, 9)
+    ]
+    assert grounded.main(["--data", str(tmp_path), "--out", str(out)]) == 2  # no data: one-line error, file kept
+    assert len(out.read_text().splitlines()) == 8
