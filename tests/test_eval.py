@@ -516,15 +516,21 @@ def test_grounded_set_embeds_development_passages_in_disjoint_splits(tmp_path):
     test = grounded.build(data, "test", 6)
     assert [q["category"] for q in dev] == [c for c in grounded.CATEGORIES for _ in range(6)]
     assert not {q["turns"][0] for q in dev} & {q["turns"][0] for q in test}
-    eval_texts = "".join((data / "eval" / f).read_text() for f in ("mt_bench.jsonl", "alpaca.jsonl", "qa.jsonl"))
+    eval_texts = "".join(
+        (data / "eval" / f).read_text() for f in ("mt_bench.jsonl", "alpaca.jsonl", "qa.jsonl")
+    )
     for q in dev + test:
         assert len(q["turns"]) == 1 and len(q["turns"][0]) > 300
         passage = q["turns"][0].split("\n\n", 1)[1][:120]
         assert passage not in eval_texts  # from the development data, never the evaluation sets
     out = tmp_path / "g.jsonl"
-    assert grounded.main(["--data", str(data), "--split", "test", "--per-category", "2", "--out", str(out)]) == 0
+    assert (
+        grounded.main(["--data", str(data), "--split", "test", "--per-category", "2", "--out", str(out)]) == 0
+    )
     assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == [
         f"grounded-test-{i}" for i in range(1, 9)
     ]
-    assert grounded.main(["--data", str(tmp_path), "--out", str(out)]) == 2  # no data: one-line error, file kept
+    assert (
+        grounded.main(["--data", str(tmp_path), "--out", str(out)]) == 2
+    )  # no data: one-line error, file kept
     assert len(out.read_text().splitlines()) == 8
