@@ -53,7 +53,9 @@ def test_every_node_is_bitwise_the_one_query_sdpa_call(prefix, heads):
 
 def _one_position(q, k, v, scale):
     none = torch.zeros(1, 0, dtype=torch.int64)
-    return cpu_attention.tree_attention(q, k, v, k.shape[1], none, torch.zeros(1, dtype=torch.int64), scale)[0]
+    return cpu_attention.tree_attention(q, k, v, k.shape[1], none, torch.zeros(1, dtype=torch.int64), scale)[
+        0
+    ]
 
 
 def test_bitwise_on_cancelling_outputs_at_every_tail_length():
@@ -134,14 +136,14 @@ def test_load_time_check_passes_here_and_rejects_a_kernel_that_differs(monkeypat
     assert not hf._kernel_matches_sdpa(9, 3, 64, 0.125, 3)
 
 
-def test_engine_steps_use_the_kernel_only_when_asked_and_where_it_was_checked(monkeypatch):
+def test_engine_steps_use_the_kernel_unless_turned_off_and_where_it_was_checked(monkeypatch):
     module = types.SimpleNamespace(training=False, num_key_value_groups=3)
     q = torch.zeros(1, 9, 1, 64).bfloat16()
     monkeypatch.setattr(hf, "_KERNEL_CHECKED", {})
-    monkeypatch.delenv("SELFSPEC_CPU_ATTENTION", raising=False)
-    assert not hf.cpu_kernel_attention(module, q, 0.125)  # experimental: off by default
-    monkeypatch.setenv("SELFSPEC_CPU_ATTENTION", "1")
-    assert hf.cpu_kernel_attention(module, q, 0.125)
+    monkeypatch.setenv("SELFSPEC_CPU_ATTENTION", "0")
+    assert not hf.cpu_kernel_attention(module, q, 0.125)  # turned off by the user
+    monkeypatch.delenv("SELFSPEC_CPU_ATTENTION")
+    assert hf.cpu_kernel_attention(module, q, 0.125)  # on by default where it was checked
     assert not hf.cpu_kernel_attention(module, q.float(), 0.125)  # fp32: not this kernel's
     assert not hf.cpu_kernel_attention(types.SimpleNamespace(training=True, num_key_value_groups=3), q, 0.125)
     monkeypatch.setattr(hf, "_KERNEL_CHECKED", {})

@@ -274,7 +274,7 @@ def test_expected_tau_grows_with_budget():
 
 
 def test_auto_tree_cache_key_changes_with_the_cpu_kernel_switches(tiny_models, monkeypatch):
-    """A table timed with the experimental CPU attention kernel on is not reused with it off."""
+    """A table timed with the CPU attention kernel on is not reused with it off."""
     from selfspec import autotune
 
     model = tiny_models("llama")
