@@ -39,7 +39,7 @@ from selfspec.models import cache_dir
 from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
-VERSION = 9  # bump when the candidates or the cost model change: older cache entries are re-measured
+VERSION = 10  # bump when the candidates or the cost model change: older cache entries are re-measured
 STEP_ROWS = 2  # positions a drafter catches up on per decode step (the kept path: tau ~ 2)
 # A tree must be expected to beat plain decoding by this much to be chosen: each figure is a median
 # of a few timings, which moved by ~10% between runs on the shared 2-core dev CPU.
@@ -133,10 +133,12 @@ def _budget_calls(model, drafter, ids, spec, n, repeats, backend, verify):
 def cache_key(model: PreTrainedModel, drafter: Drafter, verify: str = "exact") -> str:
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    # The switches that change what a verify step costs are part of the key: a table timed with
-    # the experimental CPU attention kernel on must not choose the tree when it is off.
+    # The switches that change what a verify step costs are part of the key, as their effective
+    # state (on unless "0"): a table timed with the CPU attention kernel on must not choose the
+    # tree when it is off, and the reverse.
     kernels = ",".join(
-        f"{k}={os.environ.get(k, '')}" for k in ("SELFSPEC_CPU_ATTENTION", "SELFSPEC_CPU_KERNELS")
+        f"{k}={'off' if os.environ.get(k, '1').strip() == '0' else 'on'}"
+        for k in ("SELFSPEC_CPU_ATTENTION", "SELFSPEC_CPU_KERNELS")
     )
     return (
         f"v{VERSION}|{name}|{model.dtype}|{device}|threads={torch.get_num_threads()}|{drafter.kind}|"

@@ -281,8 +281,10 @@ def test_auto_tree_cache_key_changes_with_the_cpu_kernel_switches(tiny_models, m
     drafter = selfspec.new_drafter("eagle", model)
     monkeypatch.delenv("SELFSPEC_CPU_ATTENTION", raising=False)
     monkeypatch.delenv("SELFSPEC_CPU_KERNELS", raising=False)
-    off = autotune.cache_key(model, drafter)
+    default = autotune.cache_key(model, drafter)
     monkeypatch.setenv("SELFSPEC_CPU_ATTENTION", "1")
-    on = autotune.cache_key(model, drafter)
+    assert autotune.cache_key(model, drafter) == default  # on by default: the same table
+    monkeypatch.setenv("SELFSPEC_CPU_ATTENTION", "0")
+    off = autotune.cache_key(model, drafter)
     monkeypatch.setenv("SELFSPEC_CPU_KERNELS", "0")
-    assert len({off, on, autotune.cache_key(model, drafter)}) == 3
+    assert len({default, off, autotune.cache_key(model, drafter)}) == 3
