@@ -115,6 +115,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for pld (default: %(default)s)"
     )
+    p.add_argument(
+        "--lookup-len",
+        type=int,
+        default=12,
+        help="longest lookup branch in tokens for the lookup and selfspec+lookup methods (default: %(default)s)",
+    )
     p.add_argument("--no-chat-template", action="store_true", help="feed questions as raw text")
     p.set_defaults(run=run_eval, check=check_eval)
 
@@ -224,6 +230,7 @@ def check_eval(args: argparse.Namespace) -> None:
             device=args.device,
             threads=args.threads,
             pld_tokens=args.pld_tokens,
+            lookup_len=args.lookup_len,
             chat=not args.no_chat_template,
         )
         load_questions(config.questions, config.limit, config.per_category)

@@ -91,6 +91,7 @@ class EvalConfig:
         default=None, metadata=_h("torch CPU threads; default: torch's current count")
     )
     pld_tokens: int = field(default=10, metadata=_h("prompt_lookup_num_tokens for the pld method"))
+    lookup_len: int = field(default=12, metadata=_h("longest lookup branch for the lookup methods"))
     chat: bool = field(default=True, metadata=_h("apply the tokenizer's chat template"))
 
     def __post_init__(self):
@@ -98,6 +99,7 @@ class EvalConfig:
             "max_new_tokens": self.max_new_tokens,
             "repeats": self.repeats,
             "pld_tokens": self.pld_tokens,
+            "lookup_len": self.lookup_len,
             "limit": self.limit,
             "per_category": self.per_category,
             "threads": self.threads,
@@ -165,6 +167,7 @@ def load(config: EvalConfig) -> Context:
     """Load the target (and drafter, assistant) and build the methods."""
     import selfspec
     from selfspec.cli import pick_drafter
+    from selfspec.lookup import Lookup
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -190,6 +193,7 @@ def load(config: EvalConfig) -> Context:
         tree=config.tree,
         acceptance=config.acceptance,
         verify=config.verify,
+        lookup=Lookup(max_len=config.lookup_len),
     )
     info = models_info(config, model, drafter, assistant)
     return Context(config, model, tokenizer, methods, info, PeakMemory(model.device), info["target"]["dtype"])

@@ -116,16 +116,17 @@ def add_decoding_args(p: argparse.ArgumentParser, tree_default: str = "static") 
     p.add_argument(
         "--lookup",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="add draft branches copied from the context (n-gram matches in the prompt and the text "
         "generated so far) to every step's tree, within its node budget; with --drafter none it "
-        "speculates with no trained drafter. Pays when the reply repeats its input (summaries, "
-        "rewrites, code edits) (default: off)",
+        "speculates with no trained drafter. Pays most when the reply repeats its input "
+        "(summaries, rewrites, code edits), and paid on chat requests too in our measurements; "
+        "--no-lookup turns it off (default: on)",
     )
     p.add_argument(
         "--lookup-len",
         type=int,
-        default=8,
+        default=12,
         metavar="N",
         help="longest lookup branch in tokens; the length used follows what the model accepted "
         "(default: %(default)s)",

@@ -6,7 +6,7 @@ or itself, the tokens after an earlier occurrence of the current suffix predict 
 where it ended, and grows with the sequence (``extend``): a query is a dictionary look-up, never a
 rescan. ``Lookup`` turns matches into draft branches (longest suffix match first, several
 matches as sibling branches) and adapts the branch length to what the target accepted: a run
-that has been right keeps growing up to ``max_len``, one that keeps failing shrinks to one token.
+that has been right grows up to ``max_len``, one that keeps failing shrinks to one token.
 
 ``merge_draft`` puts the drafter's tree and the lookup branches into one tree (shared prefixes
 merged, so no node is verified twice); the target verifies it in one forward like any tree.
@@ -86,11 +86,14 @@ class Lookup:
     """Lookup drafting settings and per-sequence state (one object per ``generate`` call).
 
     max_len: the longest branch drafted; branches: sibling branches from different matches;
-    min_n/max_n: suffix lengths matched (longest first). The branch length starts at ``max_len``
-    and follows acceptance: all of it accepted -> doubles (up to ``max_len``); k < length
-    accepted -> k + 1 (so a failing run drafts one token)."""
+    min_n/max_n: suffix lengths matched (longest first). The branch length follows acceptance:
+    2 m + 1 tokens (at most ``max_len``, at least 1), where m is a running mean (weight 1/2 per
+    step) of the tokens kept from the branches, started at ``max_len / 2``: a run kept whole
+    doubles it, a miss halves the mean, so a run that keeps failing drafts one token and one
+    miss in a long copy does not reset it (chosen over "k kept -> k + 1" on the grounded dev
+    split: 45.7 vs 43.3 tok/s, within noise; benchmarks/README.md)."""
 
-    max_len: int = 8
+    max_len: int = 12
     branches: int = 2
     min_n: int = 1
     max_n: int = 4
@@ -99,6 +102,7 @@ class Lookup:
     proposed: list[list[int]] = field(default_factory=list, init=False, repr=False)
     proposed_nodes: int = field(default=0, init=False)  # statistics over the whole call
     accepted_tokens: int = field(default=0, init=False)
+    _kept: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
         for name, least in (("max_len", 1), ("branches", 1), ("min_n", 1), ("max_n", self.min_n)):
@@ -113,6 +117,7 @@ class Lookup:
         self.index = NgramIndex(self.min_n, self.max_n)
         self.index.extend(tokens)
         self.length = self.max_len
+        self._kept = self.max_len / 2  # running mean of tokens kept per proposing step
 
     @property
     def max_nodes(self) -> int:
@@ -141,8 +146,8 @@ class Lookup:
             hits = [_common_prefix(c, kept) for c in self.proposed]
             hit = max(hits)
             self.accepted_tokens += hit
-            whole = any(h == len(c) for h, c in zip(hits, self.proposed, strict=True))
-            self.length = min(2 * self.length, self.max_len) if whole else hit + 1
+            self._kept = 0.5 * self._kept + 0.5 * hit
+            self.length = max(1, min(self.max_len, round(2 * self._kept + 1)))
         self.index.extend(kept)
 
 

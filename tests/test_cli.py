@@ -28,6 +28,7 @@ def test_generate_json(capsys, tiny_checkpoint):
         "12",
         "--drafter",
         "none",
+        "--no-lookup",
         "--json",
     )
     assert code == 0, err
@@ -40,11 +41,11 @@ def test_generate_with_lookup_and_no_drafter(capsys, tiny_checkpoint):
     """--drafter none --lookup speculates from the context alone; the output equals plain decoding."""
     common = ["generate", "--model", str(tiny_checkpoint), "--prompt", "the quick fox the quick fox"]
     common += ["--max-new-tokens", "24", "--drafter", "none", "--json", "--no-chat-template"]
-    code, out, err = run(capsys, *common, "--lookup", "--lookup-len", "4")
+    code, out, err = run(capsys, *common, "--lookup-len", "4")  # lookup is on by default
     assert code == 0, err
     report = json.loads(out)
     assert report["lookup"] is True and report["lookup_proposed"] > 0
-    code, plain, err = run(capsys, *common)
+    code, plain, err = run(capsys, *common, "--no-lookup")
     assert code == 0, err
     assert json.loads(plain)["text"] == report["text"] and json.loads(plain)["lookup"] is False
 

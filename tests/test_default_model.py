@@ -69,6 +69,33 @@ def test_default_model_bf16_greedy_equals_hf(targets):
             assert torch.equal(out.sequences, ref), f"{name} ({tree}) differs from HF greedy on {prompt!r}"
 
 
+COPYING = [
+    "Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
+    (
+        "Fix the typo and return the full text: The wether today is sunny, with a light breeze from "
+        "the west and clear skies expected through the evening."
+    ),
+]
+
+
+def test_default_model_bf16_lookup_equals_hf(targets):
+    """Lookup branches alone (no drafter) and merged with the shipped drafter's tree: bitwise HF
+    greedy, and the copied branches are really verified (some are kept)."""
+    model, tokenizer = targets(torch.bfloat16)
+    kept = 0
+    for prompt in COPYING + PROMPTS[:3]:
+        ids = encode(tokenizer, prompt)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+        runs = [("none", None)]
+        if (SHIPPED_DRAFTERS / "default").is_dir():
+            runs.append(("default", selfspec.load_drafter("default", model)))
+        for name, drafter in runs:
+            out = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=64, lookup=True)
+            assert torch.equal(out.sequences, ref), f"{name} + lookup differs from HF greedy on {prompt!r}"
+            kept += out.stats.lookup_accepted
+    assert kept > 0
+
+
 def test_default_model_fp32_greedy_equals_hf(targets):
     """fp32 GEMMs here are not row-invariant at any shape, so exact verification computes every
     linear one row at a time: small trees keep the test short."""

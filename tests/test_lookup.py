@@ -112,17 +112,27 @@ def test_merged_tree_returns_the_draft_unchanged_when_nothing_is_added():
 
 
 def test_branch_length_follows_acceptance():
+    """Length = 2 m + 1 with m the running mean (weight 1/2) of tokens kept, started at max_len / 2."""
     lk = Lookup(max_len=8, branches=1)
     lk.begin([1, 2, 3, 4, 5, 6, 7, 8, 9, 1])
     assert lk.propose() == [[2, 3, 4, 5, 6, 7, 8, 9]]
-    lk.update([2, 3, 0])  # two accepted, then the target's own token
-    assert lk.length == 3 and lk.accepted_tokens == 2
+    lk.update([2, 3, 0])  # two kept, then the target's own token: m = (4 + 2) / 2 = 3
+    assert lk.length == 7 and lk.accepted_tokens == 2
     assert lk.propose() == []  # nothing earlier follows a 0
     lk.update([1])
-    assert lk.length == 3  # no proposal, no change
-    assert lk.propose() == [[2, 3, 0]]  # after the most recent 1
-    lk.update([7])  # nothing accepted
-    assert lk.length == 1 and lk.proposed_nodes == 11
+    assert lk.length == 7  # no proposal, no change
+    assert lk.propose() == [[2, 3, 0, 1]]  # after the most recent 1 (the sequence ends there)
+    lk.update([7])  # nothing kept: m = 1.5
+    assert lk.length == 4 and lk.proposed_nodes == 12
+    for i in range(3):  # a run that keeps failing shrinks to one token
+        lk.index.extend([1])
+        assert lk.propose()
+        lk.update([200 + i])  # never what followed a 1 before
+    assert lk.length == 1 and lk.accepted_tokens == 2
+    lk.index.extend([5, 6])
+    assert lk.propose() == [[7]]
+    lk.update([7, 5])  # kept whole: m grows, the length with it
+    assert lk.length == 2
     assert lk.propose(budget=0) == []
     with pytest.raises(ValueError, match="max_len"):
         Lookup(max_len=0)
