@@ -296,3 +296,54 @@ def test_export_cli(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("selfspec: error: ") and "exports eagle3 drafters" in err[0]
+
+
+def test_best_chain_maximizes_tokens_per_cost():
+    from selfspec.training.export import best_chain
+
+    acc = [0.8, 0.6, 0.5, 0.3, 0.1]
+
+    def rate(k, r):
+        reach, tokens = 1.0, 1.0
+        for a in acc[:k]:
+            reach *= a
+            tokens += reach
+        return tokens / (1 + r * k), tokens
+
+    for r in (0.0, 0.05, 0.1, 0.3, 1.0):
+        k, tokens = best_chain(acc, r)
+        assert rate(k, r)[0] == pytest.approx(max(rate(j, r)[0] for j in range(1, 6)))
+        assert tokens == pytest.approx(rate(k, r)[1])
+    assert best_chain(acc, 0.0)[0] == 5 and best_chain(acc, 1.0)[0] == 1
+    with pytest.raises(ValueError, match="no acceptance"):
+        best_chain([], 0.1)
+
+
+def test_export_keeps_the_stored_dtype_and_prints_serve_commands(tmp_path, capsys):
+    """No --dtype: the export stores what the drafter's file holds (fp16 here), bitwise (the target
+    is loaded in fp32 for the export), writes the recommended settings from the calibrated
+    acceptance, and prints the vLLM and SGLang command lines."""
+    from safetensors import safe_open
+
+    from selfspec.training.export import stored_dtype
+
+    loaded, _ = selfspec.load_target(str(tiny_target_dir(tmp_path / "target")), device="cpu")
+    drafter = randomized(selfspec.new_drafter("eagle3", loaded, fuse_layers=[0, 1, 2]), seed=3, std=0.05)
+    drafter.config.acceptance = [[0.9, 0.05], [0.8, 0.05], [0.2, 0.05]]
+    drafter.half().save_pretrained(tmp_path / "d")
+    assert stored_dtype(tmp_path / "d") == "float16"
+    capsys.readouterr()
+    argv = ["export", "--drafter", str(tmp_path / "d"), "--format", "eagle3", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--model", str(tmp_path / "target"), "--cost-ratio", "0.1"]) == 0
+    out = capsys.readouterr().out
+    cfg, w = read(tmp_path / "o")
+    assert cfg["torch_dtype"] == "float16" and w["fc.weight"].dtype == torch.float16
+    with safe_open(str(tmp_path / "d" / "model.safetensors"), "pt") as f:
+        assert torch.equal(w["fc.weight"], f.get_tensor("fc.weight"))  # not rounded on the way
+    note = json.loads((tmp_path / "o" / "selfspec_export.json").read_text())
+    rec = note["recommended"]
+    assert rec["acceptance_source"] == "calibration" and rec["vllm"]["num_speculative_tokens"] == 2
+    assert rec["sglang"]["speculative_num_draft_tokens"] == drafter.tree.size
+    assert '"num_speculative_tokens": 2' in out and "vllm serve " in out
+    assert "python -m sglang.launch_server" in out and "--speculative-algorithm EAGLE3" in out
+    assert main([*argv, "--cost-ratio", "-1"]) == 2

@@ -201,7 +201,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "--model", default="default", help="the target the drafter was trained for (default: %(default)s)"
     )
     p.add_argument(
-        "--dtype", choices=["float16", "bfloat16", "float32"], help="stored dtype (default: as trained)"
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="stored dtype (default: the dtype of the drafter's own weights file, i.e. as trained and "
+        "shipped; the target is loaded in fp32 for the export, so nothing is rounded on the way)",
+    )
+    p.add_argument(
+        "--cost-ratio",
+        type=float,
+        default=0.1,
+        help="cost of one drafted token relative to a verify step, for the recommended vLLM "
+        "num_speculative_tokens (default: %(default)s, a GPU serving estimate; measure yours)",
     )
     p.set_defaults(run=run_export, check=check_export)
 
@@ -219,14 +229,38 @@ def check_export(args: argparse.Namespace) -> None:
     check_model_arg(args.model)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
+    if not 0 <= args.cost_ratio < 10:
+        raise UsageError(f"--cost-ratio must be in [0, 10), got {args.cost_ratio}")
 
 
 def run_export(args: argparse.Namespace) -> int:
     import selfspec
-    from selfspec.training.export import export
+    from selfspec.models import resolve_drafter_dir
+    from selfspec.training.export import command_lines, export, stored_dtype
 
-    model, _ = selfspec.load_target(args.model, device="cpu")
+    dtype = args.dtype or stored_dtype(resolve_drafter_dir(args.drafter))
+    model, _ = selfspec.load_target(args.model, dtype="float32", device="cpu")  # fp16/bf16 -> fp32 is exact
     drafter = selfspec.load_drafter(args.drafter, model)
-    out = export(drafter, model, args.format, args.out, args.engine, args.dtype)
-    print(f"exported {drafter.kind} drafter as {args.format} ({args.engine}) to {out}")
+    out = export(drafter, model, args.format, args.out, args.engine, dtype, args.cost_ratio)
+    note = json.loads((out / "selfspec_export.json").read_text())
+    rec = note["recommended"]
+    print(
+        f"exported {drafter.kind} drafter as {args.format} ({args.engine}, {dtype or 'as loaded'}) to {out}"
+    )
+    print(
+        f"recommended (from {rec['acceptance_source']}; top-1 acceptance by depth "
+        f"{rec['top1_acceptance_by_depth']}): vLLM num_speculative_tokens {rec['vllm']['num_speculative_tokens']} "
+        f"(expected {rec['vllm']['expected_tokens_per_step']} tokens per step at cost ratio {rec['cost_ratio']})"
+    )
+    target = _serve_target(args.model, model)
+    for line in command_lines(args.format, target, out.resolve(), rec):
+        print(line)
     return 0
+
+
+def _serve_target(name: str, model: Any) -> str:
+    """What to pass engines as the target: the hub id or directory given, or the converted
+    default model's directory."""
+    if name != "default":
+        return name
+    return getattr(model.config, "_name_or_path", "") or name

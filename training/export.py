@@ -241,10 +241,98 @@ def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, 
     return config, tensors
 
 
+_SAFETENSORS_FLOATS = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+VLLM_METHOD = {"eagle": "eagle", "eagle3": "eagle3", "medusa": "medusa"}
+SGLANG_ALGORITHM = {"eagle": "EAGLE", "eagle3": "EAGLE3"}
+
+
+def stored_dtype(drafter_dir: Path) -> str | None:
+    """The floating dtype of the drafter's own weights file: what it was trained and shipped in."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(drafter_dir) / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            dtype = _SAFETENSORS_FLOATS.get(f.get_slice(name).get_dtype())
+            if dtype:
+                return dtype
+    return None
+
+
+def best_chain(acceptance: list[float], cost_ratio: float) -> tuple[int, float]:
+    """The chain length k maximizing expected tokens per unit of step cost,
+    (1 + sum_{d<=k} prod_{j<=d} a_j) / (1 + cost_ratio * k), with ``a_j`` the drafter's top-1
+    acceptance at depth j and ``cost_ratio`` one drafted token's cost relative to a verify step.
+    Returns (k, expected tokens per step at k)."""
+    if not acceptance:
+        raise ValueError("no acceptance to choose a chain length from")
+    best, reach, tokens = (1, 0.0, -1.0), 1.0, 1.0
+    for k, a in enumerate(acceptance, start=1):
+        reach *= float(a)
+        tokens += reach
+        rate = tokens / (1 + cost_ratio * k)
+        if rate > best[2] + 1e-12:
+            best = (k, tokens, rate)
+    return best[0], best[1]
+
+
+def recommended_settings(drafter: Any, fmt: str, cost_ratio: float = 0.1) -> dict[str, Any]:
+    """Speculative settings for the engines from the drafter's calibrated acceptance (a prior when
+    it was never calibrated): vLLM drafts a chain, SGLang verifies the drafter's static tree."""
+    from selfspec.autotune import drafter_acceptance
+    from selfspec.tree import DynamicTree
+
+    measured = bool(getattr(drafter.config, "acceptance", None))
+    acc = drafter_acceptance(drafter, DynamicTree())
+    top1 = [float(a) for a in acc[:, 0].tolist()]
+    k, tokens = best_chain(top1, cost_ratio)
+    tree = drafter.tree
+    out: dict[str, Any] = {
+        "acceptance_source": "calibration" if measured else "prior (the drafter was never calibrated)",
+        "top1_acceptance_by_depth": [round(a, 4) for a in top1],
+        "cost_ratio": cost_ratio,
+        "vllm": {"num_speculative_tokens": k, "expected_tokens_per_step": round(tokens, 3)},
+    }
+    if fmt in SGLANG_ALGORITHM:
+        out["sglang"] = {
+            "speculative_num_steps": tree.max_depth,
+            "speculative_eagle_topk": int(tree.num_children.max()),
+            "speculative_num_draft_tokens": tree.size,
+        }
+    return out
+
+
+def command_lines(fmt: str, target: str, out: Path, rec: dict[str, Any]) -> list[str]:
+    """The serve commands for the exported directory, with the recommended settings."""
+    spec = json.dumps(
+        {
+            "method": VLLM_METHOD[fmt],
+            "model": str(out),
+            "num_speculative_tokens": rec["vllm"]["num_speculative_tokens"],
+        }
+    )
+    lines = [f"vllm serve {target} --speculative-config '{spec}'"]
+    if "sglang" in rec:
+        sg = rec["sglang"]
+        lines.append(
+            f"python -m sglang.launch_server --model-path {target} --speculative-algorithm "
+            f"{SGLANG_ALGORITHM[fmt]} --speculative-draft-model-path {out} --speculative-num-steps "
+            f"{sg['speculative_num_steps']} --speculative-eagle-topk {sg['speculative_eagle_topk']} "
+            f"--speculative-num-draft-tokens {sg['speculative_num_draft_tokens']}"
+        )
+    return lines
+
+
 def export(
-    drafter: Any, model: Any, fmt: str, out: Path, engine: str = "vllm", dtype: str | None = None
+    drafter: Any,
+    model: Any,
+    fmt: str,
+    out: Path,
+    engine: str = "vllm",
+    dtype: str | None = None,
+    cost_ratio: float = 0.1,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` for ``fmt`` under ``out`` (atomically)."""
+    """Write ``config.json`` + ``model.safetensors`` for ``fmt`` under ``out`` (atomically), with
+    ``selfspec_export.json`` holding the source, the static tree and the recommended settings."""
     check_format(drafter.kind, fmt, engine)
     if fmt == "medusa":
         config, tensors = medusa_tensors(drafter, model)
@@ -268,6 +356,7 @@ def export(
         "dropped": ["draft vocabulary (engines draft over the full vocabulary)"]
         if fmt == "eagle" and drafter.draft_ids is not None
         else [],
+        "recommended": recommended_settings(drafter, fmt, cost_ratio),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
