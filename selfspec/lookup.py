@@ -18,6 +18,7 @@ Plain Python over token lists (CPU-side): torch is used only to hand the merged 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -97,12 +98,13 @@ class Lookup:
     branches: int = 2
     min_n: int = 1
     max_n: int = 4
-    length: int = field(default=0, init=False)  # current branch length (0 = not started)
     index: NgramIndex | None = field(default=None, init=False, repr=False)
     proposed: list[list[int]] = field(default_factory=list, init=False, repr=False)
     proposed_nodes: int = field(default=0, init=False)  # statistics over the whole call
     accepted_tokens: int = field(default=0, init=False)
-    _kept: float = field(default=0.0, init=False, repr=False)
+    _kept: float = field(
+        default=0.0, init=False, repr=False
+    )  # running mean of tokens kept per proposing step
 
     def __post_init__(self):
         for name, least in (("max_len", 1), ("branches", 1), ("min_n", 1), ("max_n", self.min_n)):
@@ -111,13 +113,17 @@ class Lookup:
 
     def fresh(self) -> Lookup:
         """The same settings with no state: one per sequence."""
-        return Lookup(self.max_len, self.branches, self.min_n, self.max_n)
+        return dataclasses.replace(self)
 
     def begin(self, tokens: Sequence[int]) -> None:
         self.index = NgramIndex(self.min_n, self.max_n)
         self.index.extend(tokens)
-        self.length = self.max_len
-        self._kept = self.max_len / 2  # running mean of tokens kept per proposing step
+        self._kept = self.max_len / 2  # the first branches are max_len long
+
+    @property
+    def length(self) -> int:
+        """The branch length this step: 2 m + 1 for the running mean m, within 1..max_len."""
+        return max(1, min(self.max_len, round(2 * self._kept + 1)))
 
     @property
     def max_nodes(self) -> int:
@@ -147,7 +153,6 @@ class Lookup:
             hit = max(hits)
             self.accepted_tokens += hit
             self._kept = 0.5 * self._kept + 0.5 * hit
-            self.length = max(1, min(self.max_len, round(2 * self._kept + 1)))
         self.index.extend(kept)
 
 
@@ -186,13 +191,9 @@ def merge_draft(
     added = len(par) - len(parents)
     if not added:
         return par, tok, 0
-    depth = [0] * len(par)
-    order = [0]  # breadth-first from the root: by depth, and parents before children
+    order = [0]  # breadth-first from the root: ordered by depth, parents before children
     for node in order:
-        for child in children[node].values():
-            depth[child] = depth[node] + 1
-            order.append(child)
-    order.sort(key=lambda i: (depth[i], i))
+        order.extend(children[node].values())
     new = {old: k for k, old in enumerate(order)}
     return [-1] + [new[par[i]] for i in order[1:]], [tok[i] for i in order], added
 
