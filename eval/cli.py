@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from selfspec.cli import TREE_HELP, VERIFY_HELP, UsageError, check_model_arg
 from selfspec.eval.methods import METHODS
+from selfspec.options import COMMANDS, TREE_HELP, VERIFY_HELP, UsageError, check_model_arg
 
 DEFAULT_OUT = "runs/eval"
 
@@ -19,7 +19,7 @@ DEFAULT_OUT = "runs/eval"
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="benchmark decoding methods on MT-bench / Spec-Bench question files",
+        help=COMMANDS["eval"][2],
         description="Run HF generate, prompt lookup, assisted generation, the selfspec engine without and "
         "with a drafter on the same prompts (interleaved, after warm-up, medians over repeats) and write "
         "results.json, report.md, plots and a W&B run (offline by default).",

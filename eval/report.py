@@ -14,7 +14,8 @@ from typing import Any
 
 from matplotlib.ticker import MaxNLocator
 
-from selfspec.eval.results import REPORT, atomic_write_text
+from selfspec.eval.results import REPORT
+from selfspec.io import atomic_write_text
 
 PLOTS = ("speedup_by_category.png", "accepted_length_hist.png", "acceptance_by_depth.png")
 

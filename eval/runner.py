@@ -138,7 +138,7 @@ class EvalConfig:
         if self.wandb not in MODES:
             raise ValueError(f"--wandb must be one of {', '.join(MODES)}, got {self.wandb!r}")
         self.sampling()  # validates temperature / top-p / top-k
-        from selfspec.cli import parse_tree
+        from selfspec.options import parse_tree
 
         self.tree = parse_tree(self.tree)
         if self.acceptance not in ("exact", "typical"):
@@ -177,8 +177,8 @@ class Context:
 def load(config: EvalConfig) -> Context:
     """Load the target (and drafter, assistant) and build the methods."""
     import selfspec
-    from selfspec.cli import pick_drafter
     from selfspec.lookup import Lookup
+    from selfspec.options import pick_drafter
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -376,7 +376,9 @@ def run_eval(config: EvalConfig, argv: list[str] | None = None) -> dict[str, Any
     log = RecordLog(out)
     done = log.read()
     todo = [(i, q) for i, q in enumerate(questions) if q.key not in done]
-    tracker = Tracker(config.wandb, config.wandb_project, out, dataclasses.asdict(config))
+    tracker = Tracker(
+        config.wandb, config.wandb_project, out, dataclasses.asdict(config), resume=config.resume
+    )
     try:
         if todo and config.warmup:
             warm_up(ctx, todo[0][1])
@@ -395,7 +397,7 @@ def run_eval(config: EvalConfig, argv: list[str] | None = None) -> dict[str, Any
         raise
     finally:
         close_methods(ctx)
-    tracker.finish(results, out)
+    tracker.finish_eval(results, out)
     return results
 
 

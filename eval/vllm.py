@@ -164,7 +164,7 @@ def export_drafter(drafter: str, model: str, out: Path) -> tuple[dict[str, Any],
 
     kind = read_drafter_config(resolve_drafter_dir(drafter))["kind"]
     fmt = FORMAT_OF_KIND[kind]
-    cmd = [sys.executable, "-c", "import sys; from selfspec.cli import main; sys.exit(main())"]
+    cmd = [sys.executable, "-m", "selfspec"]
     cmd += ["export", "--drafter", str(drafter), "--model", model, "--format", fmt, "--out", str(out)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:

@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +33,7 @@ from transformers import PreTrainedModel
 
 from selfspec.drafters import Drafter
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
+from selfspec.io import atomic_write_json
 from selfspec.models import cache_dir
 from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
 
@@ -169,14 +168,6 @@ def auto_tree(
             "draft_s": {n: c[0] for n, c in costs.items()},
             "verify_s": {n: c[1] for n, c in costs.items()},
         }
-        _write_json(path, table)
+        atomic_write_json(path, table)
     budget = int(table[key]["budget"])
     return chain(0) if budget == 1 else DynamicTree.sized(budget)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)

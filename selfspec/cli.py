@@ -7,27 +7,32 @@ is printed as one line (``selfspec: error: ...``) with a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-
-
-class UsageError(ValueError):
-    """Bad command-line input, caught before any model is loaded."""
+from selfspec.options import (
+    COMMANDS,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    TREE_HELP,
+    VERIFY_HELP,
+    UsageError,
+    check_model_arg,
+    parse_tree,
+    pick_drafter,
+)
 
 
 # ------------------------------------------------------------------------------------- generate
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate text with speculative decoding",
+        help=COMMANDS["generate"][2],
         description="Generate a reply with the tree-verify engine (greedy; output identical to the "
         "model's own greedy decoding) and report speed and mean accepted length (tau).",
     )
@@ -165,23 +170,6 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-VERIFY_HELP = "'exact' (default): every tree node computes bitwise what a one-token step computes, so greedy output is bitwise the model's own in any dtype; 'batched': one masked pass per tree, cheaper on a CPU, equal to plain decoding only up to floating-point near-ties"
-TREE_HELP = (
-    "draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step from the "
-    "drafter's confidence), N (dynamic with N nodes; 1 = no drafting), or 'auto' (the size measured "
-    "fastest on this device, cached; may be 1 where drafting does not pay)"
-)
-
-
-def parse_tree(value: Any) -> str | int:
-    """A --tree value as generate(tree=...) takes it: 'static' | 'dynamic' | 'auto' | node count."""
-    if value in ("static", "dynamic", "auto"):
-        return value
-    if not str(value).isdigit() or int(value) < 1:
-        raise ValueError(f"--tree {value!r} must be static, dynamic, auto or a positive node count")
-    return int(value)
-
-
 def check_generate(args: argparse.Namespace) -> None:
     args.decoding = decoding_kwargs(args)
     if args.max_new_tokens <= 0:
@@ -201,20 +189,6 @@ def check_generate(args: argparse.Namespace) -> None:
         )
 
 
-def check_model_arg(model: str) -> None:
-    from selfspec.models import HUB_ID
-
-    path = Path(model).expanduser()
-    if model == "default" or path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
-        return
-    if path.suffix == ".gguf":
-        raise UsageError(f"--model {model}: GGUF file not found")
-    if not HUB_ID.match(model) or path.exists():
-        raise UsageError(
-            f"--model {model!r} is neither 'default', a .gguf file, a local directory, nor a hub id"
-        )
-
-
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool):
     if chat and getattr(tokenizer, "chat_template", None):
         enc = tokenizer.apply_chat_template(
@@ -225,32 +199,6 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool):
         )
         return enc["input_ids"]
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
-
-
-def pick_drafter(name: str, model: Any, quiet: bool = False):
-    """'none' -> None; 'default' -> the shipped drafter if this build has one, else None."""
-    import selfspec
-    from selfspec.models import resolve_drafter_dir
-
-    if name == "none":
-        return None
-    if name == "default":
-        try:
-            resolve_drafter_dir("default")
-        except FileNotFoundError:
-            if not quiet:
-                print("selfspec: no default drafter shipped; decoding without one", file=sys.stderr)
-            return None
-        try:
-            return selfspec.load_drafter(name, model)
-        except ValueError as e:  # another target: say why 'default' (also the flag's default) cannot apply
-            why = str(e).split(";")[0].replace(f"drafter at {resolve_drafter_dir('default')} ", "it ")
-            raise ValueError(
-                f"--drafter default is the drafter shipped for the default model (SmolLM2-135M-"
-                f"Instruct) and {why}; pass --drafter none, or a drafter trained for this model "
-                "(selfspec train --model ...)"
-            ) from e
-    return selfspec.load_drafter(name, model)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -416,41 +364,26 @@ def print_summary(r: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-# Other subcommands (train, eval, export) register here with the same (add, check, run) shape.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate]
-
-
-def _optional_subcommands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    found = []
-    for module, name in (
-        ("selfspec.training.cli", "add_train"),
-        ("selfspec.training.cli", "add_export"),
-        ("selfspec.eval.cli", "add_eval"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        if hasattr(mod, name):
-            found.append(getattr(mod, name))
-    return found
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; given ``argv``, only the command it names is built for real (its module
+    imported) and the others are listed by name and help, so ``--help`` and ``generate`` load no
+    training or eval code."""
     parser = argparse.ArgumentParser(
         prog="selfspec",
         description="Lossless self-speculative decoding for Hugging Face causal LMs.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS + _optional_subcommands():
-        add(sub)
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for name, (module, add, help_text) in COMMANDS.items():
+        if argv is None or name == wanted:
+            getattr(importlib.import_module(module), add)(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars; our own output says what happens

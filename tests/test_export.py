@@ -12,9 +12,7 @@ from torch.nn import functional as F
 import selfspec
 from selfspec.cli import main
 from selfspec.training.export import EAGLE3_REFUSAL, check_format, export
-from tests.conftest import make_tiny
-from tests.test_generate import randomized
-from tests.test_training_utils import tiny_target_dir
+from tests.helpers import make_tiny, randomized, tiny_target_dir
 
 torch.set_num_threads(1)
 
@@ -246,6 +244,34 @@ def test_medusa_export_is_complete_and_exact(model, tmp_path, vocab, lora):
         ours = [drafter.lm_head(drafter.head_hidden(hidden)[:, i]) for i in range(3)]
     for a, b in zip(medusa_reference(cfg, w, hidden), ours):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_medusa_full_vocab_export_writes_the_whole_readout_with_the_drafters_rows(model, tmp_path):
+    """--full-vocab (vLLM 0.32 cannot load token_map): the target's lm_head with the drafter's own
+    rows (LoRA merged) at its draft ids, no token_map; on the draft ids the logits are the drafter's."""
+    drafter = randomized(
+        selfspec.new_drafter("medusa", model, num_heads=2, num_layers=1, draft_vocab_size=100),
+        seed=6,
+        std=0.1,
+    )
+    with_readout(drafter, 100, True)
+    out = export(drafter, model, "medusa", tmp_path / "m", full_vocab=True)
+    cfg, w = read(out)
+    assert (
+        "token_map" not in w and cfg["truncated_vocab_size"] == 256 and w["lm_head.weight"].shape == (256, 64)
+    )
+    ids = drafter.draft_ids
+    rest = torch.ones(256, dtype=torch.bool)
+    rest[ids] = False
+    target = model.get_output_embeddings().weight.detach()
+    torch.testing.assert_close(w["lm_head.weight"][rest], target[rest].to(w["lm_head.weight"].dtype))
+    hidden = torch.randn(5, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ours = [drafter.lm_head(drafter.head_hidden(hidden)[:, i]) for i in range(2)]
+    for a, b in zip(medusa_reference(cfg, w, hidden), ours):
+        torch.testing.assert_close(a[:, ids], b[:, ids], atol=1e-9, rtol=1e-9)
+    note = json.loads((out / "selfspec_export.json").read_text())
+    assert note["dropped"] and "draft vocabulary" in note["dropped"][0]
 
 
 def test_export_refusals(model, tmp_path):

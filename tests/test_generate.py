@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import selfspec
-from selfspec.drafters import Draft, Drafter, DrafterConfig, SharedModules
 from selfspec.tree import build_tree, chain
-from tests.conftest import hf_greedy
+from tests.helpers import OracleDrafter, hf_greedy, randomized
 
 TREES = {
     "single": build_tree([]),
@@ -14,45 +13,6 @@ TREES = {
     "wide": build_tree([(k,) for k in range(8)]),
     "deep": build_tree([(0,) * d for d in range(1, 7)] + [(1,), (1, 0), (0, 1), (0, 0, 1)]),
 }
-
-
-def randomized(drafter, seed=0, std=0.3):
-    """An untrained drafter with random weights, so it proposes varied (mostly wrong) tokens."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in drafter.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return drafter
-
-
-class OracleDrafter(Drafter):
-    """Knows the reference continuation and puts the right token at ``rank`` on every depth, the
-    other ranks filled with wrong tokens. With rank > 0 the accepted path skips nodes, which
-    exercises the KV commit gather; any mistake in positions, masks or commit breaks equality."""
-
-    kind = "oracle"
-
-    def __init__(self, model, reference, prompt_len, rank):
-        config = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
-        super().__init__(config, SharedModules(model.get_input_embeddings(), model.get_output_embeddings()))
-        self.reference, self.prompt_len, self.rank = reference.flatten().tolist(), prompt_len, rank
-
-    def default_paths(self):
-        return chain(3).paths()
-
-    def begin(self, max_len):
-        return {"root": None}  # reference index of the current root (bonus) token
-
-    def propose(self, state, hidden, next_tokens, tree):
-        first = state["root"] is None
-        state["root"] = self.prompt_len if first else state["root"] + len(next_tokens)
-        tokens = torch.empty(tree.size, dtype=torch.long)
-        tokens[0] = next_tokens[-1]
-        for i in range(1, tree.size):
-            at = state["root"] + int(tree.depths[i])
-            right = self.reference[at] if at < len(self.reference) else 0
-            tokens[i] = right if int(tree.ranks[i]) == self.rank else (right + 1 + int(tree.ranks[i])) % 256
-        return Draft(tree=tree, tokens=tokens)
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-mha", "qwen2", "mistral"])

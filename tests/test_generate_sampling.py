@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import selfspec
 from selfspec.tree import DynamicTree, TreeBuffers
-from tests.conftest import hf_greedy, make_tiny
-from tests.test_generate import randomized
+from tests.helpers import chi2_pvalue, exact_two_token_probs, hf_greedy, make_tiny, randomized
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -57,27 +55,6 @@ def test_seeded_sampling_is_reproducible(tiny_models, kind):
     )
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
-
-
-def exact_two_token_probs(model, ids, temperature):
-    """The target's own distribution over the next two tokens [V, V] (warped by temperature)."""
-    with torch.no_grad():
-        p1 = (model(ids).logits[0, -1].double() / temperature).softmax(-1)  # [V]
-        v = p1.numel()
-        seconds = torch.cat([ids.expand(v, -1), torch.arange(v)[:, None]], 1)
-        p2 = (model(seconds).logits[:, -1].double() / temperature).softmax(-1)  # [V, V]
-    return p1[:, None] * p2
-
-
-def chi2_pvalue(counts, probs, min_expected=5.0):
-    """Chi-square goodness of fit, cells with small expected counts merged into one."""
-    expected = probs.flatten() * counts.sum()
-    big = expected >= min_expected
-    obs, exp = counts.flatten()[big], expected[big]
-    if bool((~big).any()):
-        obs = torch.cat([obs, counts.flatten()[~big].sum()[None]])
-        exp = torch.cat([exp, expected[~big].sum()[None]])
-    return chisquare(obs.numpy(), exp.numpy()).pvalue
 
 
 def test_sampled_output_follows_target_distribution():

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from selfspec.invariance import kernel_block, row_exact_scope, row_invariant, variant_linear_shapes
 from selfspec.kernels import cpu_linear
 from selfspec.tree import build_tree, chain, tree_from_parents
-from tests.conftest import node_mismatches
+from tests.helpers import node_mismatches
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "llama-wide-mlp"]
 TREES = {

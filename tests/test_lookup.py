@@ -10,9 +10,7 @@ from hypothesis import strategies as st
 import selfspec
 from selfspec.lookup import Lookup, NgramIndex, merge_draft, merged_tree
 from selfspec.tree import DynamicTree, build_tree, tree_from_parents
-from tests.conftest import hf_greedy, make_tiny
-from tests.test_generate import randomized
-from tests.test_generate_sampling import chi2_pvalue, exact_two_token_probs
+from tests.helpers import chi2_pvalue, exact_two_token_probs, hf_greedy, make_tiny, randomized
 
 
 def brute_matches(tokens, n):

@@ -11,7 +11,7 @@ import torch
 
 import selfspec
 from selfspec.cli import main
-from tests.test_training_utils import prompt_rows, tiny_target_dir, write_jsonl
+from tests.helpers import prompt_rows, tiny_target_dir, write_jsonl
 
 torch.set_num_threads(1)
 

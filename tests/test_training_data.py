@@ -6,7 +6,7 @@ import pytest
 
 from selfspec.training import data
 from selfspec.training.data import DataConfig, load_all, load_examples
-from tests.test_training_utils import write_jsonl
+from tests.helpers import write_jsonl
 
 SHAPES = [
     (

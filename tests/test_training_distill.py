@@ -9,7 +9,7 @@ import selfspec
 from selfspec.sampling import SamplingConfig
 from selfspec.training.data import Example
 from selfspec.training.distill import DistillConfig, distill, generate_batch, prompt_ids, shard_path
-from tests.test_training_utils import tiny_target_dir
+from tests.helpers import tiny_target_dir
 
 torch.set_num_threads(1)
 

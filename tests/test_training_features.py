@@ -5,7 +5,7 @@ import torch
 
 import selfspec
 from selfspec.training.features import FeatureConfig, capture, load
-from tests.conftest import make_tiny
+from tests.helpers import make_tiny
 
 torch.set_num_threads(1)
 

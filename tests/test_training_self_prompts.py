@@ -10,7 +10,7 @@ import torch
 import selfspec
 from selfspec.cli import main
 from selfspec.training import self_prompts as sp
-from tests.test_training_utils import prompt_rows, tiny_target_dir, tiny_tokenizer, write_jsonl
+from tests.helpers import prompt_rows, tiny_target_dir, tiny_tokenizer, write_jsonl
 
 torch.set_num_threads(1)
 EOS = 257

@@ -1,18 +1,19 @@
 """Trainers: losses go down, unrolled training matches inference drafting, checkpoints resume
 bit-identically, seeds reproduce, calibration installs a tree, LoRA read-outs round-trip, W&B."""
 
+import os
+import re
+
 import pytest
 import torch
 
 import selfspec
+from selfspec.tracking import Run
 from selfspec.training.calibrate import CalibrationConfig, calibrate
 from selfspec.training.features import Sequence
 from selfspec.training.objectives import Pack, shifted, unroll_mask, unroll_no_grad
-from selfspec.training.tracking import TrainTracker
 from selfspec.training.trainer import TrainConfig, Trainer, collate, trainable_state
-from tests.conftest import make_tiny
-from tests.test_drafters import propose_once
-from tests.test_generate import randomized
+from tests.helpers import make_tiny, propose_once, randomized
 
 torch.set_num_threads(1)
 
@@ -295,10 +296,10 @@ def test_wandb_offline_writes_locally_and_disabled_does_nothing(target, sequence
     assert hint.startswith("wandb sync ") and str(tmp_path / "wb") in hint
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    off = TrainTracker("disabled", "p", tmp_path, {})
+    off = Run("disabled", "p", tmp_path, {}, job_type="train", name="t")
     assert off.run is None and off.finish() is None
     with pytest.raises(ValueError, match="unknown W&B mode 'cloud'"):
-        TrainTracker("cloud", "p", tmp_path, {})
+        Run("cloud", "p", tmp_path, {}, job_type="train", name="t")
 
 
 @pytest.mark.parametrize(
@@ -321,3 +322,27 @@ def test_bad_train_config(kw, message):
 def test_draft_vocab_larger_than_target_is_refused(target, sequences, tmp_path):
     with pytest.raises(ValueError, match=r"draft_vocab_size must be in \[0, vocab_size=256\]"):
         trainer(target, sequences, tmp_path, draft_vocab_size=1000)
+
+
+def test_wandb_offline_needs_no_network_and_a_resumed_job_continues_its_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_ERROR_REPORTING", raising=False)
+    first = Run("offline", "p", tmp_path / "job", {"a": 1}, job_type="train", name="t")
+    assert os.environ["WANDB_ERROR_REPORTING"] == "false" and os.environ["WANDB_MODE"] == "offline"
+    run_id = first.run_id
+    first.log({"loss": 1.0}, step=1)
+    first.finish()
+    resumed = Run("offline", "p", tmp_path / "job", {"a": 1}, job_type="train", name="t", resume=True)
+    fresh = Run("offline", "p", tmp_path / "job2", {"a": 1}, job_type="train", name="t", resume=True)
+    assert resumed.run_id == run_id and fresh.run_id != run_id
+    fresh_id = fresh.run_id
+    resumed.finish()
+    fresh.finish()
+    assert (tmp_path / "job" / "wandb_run_id").read_text().strip() == run_id
+    ids = [
+        re.fullmatch(r"offline-run-\d+_\d+-([0-9a-f]+)(-\d+)?", p.name)
+        for p in (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    ]
+    assert sorted(m.group(1) for m in ids) == sorted([run_id, run_id, fresh_id])  # two local parts of one run

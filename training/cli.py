@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from selfspec.cli import UsageError, check_model_arg
+from selfspec.options import COMMANDS, UsageError, check_model_arg
 from selfspec.training.calibrate import CalibrationConfig
 from selfspec.training.data import DataConfig
 from selfspec.training.distill import DistillConfig
@@ -109,7 +109,7 @@ def _add_fields(
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a drafter for a target model",
+        help=COMMANDS["train"][2],
         description="Self-distill the target on your prompts, cache its features, train a Medusa or EAGLE "
         "drafter, calibrate its tree on held-out data and save it for `selfspec generate --drafter OUT`. "
         "Runs unchanged under `accelerate launch` / `torchrun` on several GPUs.",
@@ -183,7 +183,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="write a trained drafter in the layout vLLM / SGLang load",
+        help=COMMANDS["export"][2],
         description="Export a selfspec drafter: --format eagle (eagle drafters; EAGLE-1 layout: vLLM method=eagle, "
         "SGLang EAGLE), eagle3 (eagle3 drafters, from `selfspec train --kind eagle3`; vLLM method=eagle3, SGLang "
         "EAGLE3), medusa (medusa drafters; vLLM method=medusa).",
@@ -213,6 +213,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         help="cost of one drafted token relative to a verify step, for the recommended vLLM "
         "num_speculative_tokens (default: %(default)s, a GPU serving estimate; measure yours)",
     )
+    p.add_argument(
+        "--full-vocab",
+        action="store_true",
+        help="medusa: write the whole vocabulary's read-out instead of a token_map for the drafter's reduced "
+        "vocabulary (vLLM 0.32 cannot load token_map; the heads then propose over all tokens)",
+    )
     p.set_defaults(run=run_export, check=check_export)
 
 
@@ -236,12 +242,12 @@ def check_export(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> int:
     import selfspec
     from selfspec.models import resolve_drafter_dir
-    from selfspec.training.export import command_lines, export, stored_dtype
+    from selfspec.training.export import MEDUSA_TOKEN_MAP_NOTE, command_lines, export, stored_dtype
 
     dtype = args.dtype or stored_dtype(resolve_drafter_dir(args.drafter))
     model, _ = selfspec.load_target(args.model, dtype="float32", device="cpu")  # fp16/bf16 -> fp32 is exact
     drafter = selfspec.load_drafter(args.drafter, model)
-    out = export(drafter, model, args.format, args.out, args.engine, dtype, args.cost_ratio)
+    out = export(drafter, model, args.format, args.out, args.engine, dtype, args.cost_ratio, args.full_vocab)
     note = json.loads((out / "selfspec_export.json").read_text())
     rec = note["recommended"]
     print(
@@ -255,6 +261,8 @@ def run_export(args: argparse.Namespace) -> int:
     target = _serve_target(args.model, model)
     for line in command_lines(args.format, target, out.resolve(), rec):
         print(line)
+    if args.format == "medusa" and drafter.draft_ids is not None and not args.full_vocab:
+        print(f"note: {MEDUSA_TOKEN_MAP_NOTE}; for vLLM 0.32 export with --full-vocab")
     return 0
 
 

@@ -31,9 +31,10 @@ import torch
 from transformers import DynamicCache
 
 from selfspec.hf import cache_argument
+from selfspec.io import atomic_write_text
 from selfspec.sampling import SamplingConfig, sample_tokens, warp_logits
 from selfspec.training.data import Example
-from selfspec.training.utils import Dist, atomic_write_text, progress
+from selfspec.training.utils import Dist, progress
 
 MANIFEST = "distill.json"
 

@@ -40,9 +40,7 @@ tests check names, shapes, config fields and the reference forward, not a live e
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +48,7 @@ import torch
 from safetensors.torch import save_file
 
 from selfspec.drafters.base import VocabProjection
-from selfspec.training.utils import publish
+from selfspec.io import replace_dir, temp_dir_beside
 
 FORMATS = ("eagle", "eagle3", "medusa")
 ENGINES = ("vllm", "sglang")
@@ -92,7 +90,19 @@ def readout_weight(drafter: Any, model: Any) -> tuple[torch.Tensor, torch.Tensor
     return weight, drafter.draft_ids
 
 
-def medusa_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+MEDUSA_TOKEN_MAP_NOTE = (
+    "vLLM 0.32 refuses Medusa checkpoints with a token_map (a reduced draft vocabulary): its "
+    "MedusaModel.load_weights registers token_map as a parameter but does not report it loaded, so "
+    "the strict weight loader fails with 'weights were not initialized from checkpoint: {token_map}'"
+)
+
+
+def medusa_tensors(
+    drafter: Any, model: Any, full_vocab: bool = False
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``full_vocab``: write the whole read-out (the target's lm_head, the drafter's own rows, LoRA
+    merged, at its draft ids) and no token_map: loadable where token_map is not (see
+    MEDUSA_TOKEN_MAP_NOTE), but the heads then propose over the full vocabulary."""
     c = drafter.config
     if getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise ValueError("the target's lm_head has a bias, which vLLM's Medusa lm_head cannot hold")
@@ -102,6 +112,10 @@ def medusa_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, 
             tensors[f"blocks.{i}.layers.{j}.weight"] = block.linear.weight.detach()
             tensors[f"blocks.{i}.layers.{j}.bias"] = block.linear.bias.detach()
     weight, ids = readout_weight(drafter, model)
+    if ids is not None and full_vocab:
+        full = model.get_output_embeddings().weight.detach().clone().to(weight.dtype)
+        full[ids] = weight
+        weight, ids = full, None
     tensors["lm_head.weight"] = weight
     if ids is not None:
         tensors["token_map"] = ids.detach().long()
@@ -330,12 +344,13 @@ def export(
     engine: str = "vllm",
     dtype: str | None = None,
     cost_ratio: float = 0.1,
+    full_vocab: bool = False,
 ) -> Path:
     """Write ``config.json`` + ``model.safetensors`` for ``fmt`` under ``out`` (atomically), with
     ``selfspec_export.json`` holding the source, the static tree and the recommended settings."""
     check_format(drafter.kind, fmt, engine)
     if fmt == "medusa":
-        config, tensors = medusa_tensors(drafter, model)
+        config, tensors = medusa_tensors(drafter, model, full_vocab)
     elif fmt == "eagle3":
         config, tensors = eagle3_tensors(drafter, model)
     else:
@@ -354,20 +369,16 @@ def export(
         "source_kind": drafter.kind,
         "tree": drafter.tree.paths(),
         "dropped": ["draft vocabulary (engines draft over the full vocabulary)"]
-        if fmt == "eagle" and drafter.draft_ids is not None
+        if drafter.draft_ids is not None and (fmt == "eagle" or (fmt == "medusa" and full_vocab))
         else [],
         "recommended": recommended_settings(drafter, fmt, cost_ratio),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "selfspec_export.json").write_text(json.dumps(note, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        publish(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

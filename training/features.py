@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import selfspec
-from selfspec.training.utils import Dist, atomic_write_text, progress
+from selfspec.io import atomic_write_text
+from selfspec.training.utils import Dist, progress
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SETTINGS = "features.json"

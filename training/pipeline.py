@@ -23,6 +23,7 @@ import torch
 
 import selfspec
 from selfspec.drafters import default_fuse_layers
+from selfspec.io import atomic_write_text, publish
 from selfspec.training import features as feats
 from selfspec.training.calibrate import CalibrationConfig, calibrate
 from selfspec.training.data import DataConfig, load_all, split_held_out
@@ -30,7 +31,7 @@ from selfspec.training.distill import DistillConfig, distill, sequences
 from selfspec.training.features import FeatureConfig
 from selfspec.training.self_prompts import write_prompts
 from selfspec.training.trainer import TrainConfig, Trainer, measure_tau
-from selfspec.training.utils import Dist, atomic_write_text, publish
+from selfspec.training.utils import Dist
 
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -247,6 +248,7 @@ def run(settings: Settings) -> dict[str, Any]:
         wandb_mode=s.run.wandb,
         wandb_project=s.run.wandb_project,
         accelerator=accelerator,
+        wandb_resume=s.run.resume,
     )
     trainer.tracker.summary({"settings": s.to_dict()})
     result = trainer.train(resume=s.run.resume)

@@ -28,13 +28,12 @@ import torch
 from torch import nn
 
 import selfspec
+from selfspec.io import atomic_torch_save, atomic_write_text
+from selfspec.tracking import Run
 from selfspec.training.features import Sequence
 from selfspec.training.objectives import EagleObjective, MedusaObjective, Pack, TargetReadout
-from selfspec.training.tracking import TrainTracker
 from selfspec.training.utils import (
     Dist,
-    atomic_torch_save,
-    atomic_write_text,
     progress,
     rng_state,
     set_rng_state,
@@ -307,6 +306,7 @@ class Trainer:
         wandb_mode: str = "offline",
         wandb_project: str = "selfspec",
         accelerator: Any = None,
+        wandb_resume: bool = False,
     ):
         from accelerate import Accelerator
 
@@ -330,8 +330,15 @@ class Trainer:
         self.schedule = PackSchedule(sequences, config.batch_tokens, config.seed)
         self.step = 0
         self.tau: list[tuple[int, float]] = []
-        self.tracker = TrainTracker(
-            wandb_mode, wandb_project, work_dir, dataclasses.asdict(config), enabled=self.dist.is_main
+        self.tracker = Run(
+            wandb_mode,
+            wandb_project,
+            work_dir,
+            dataclasses.asdict(config),
+            job_type="train",
+            name=f"train-{Path(work_dir).name}",
+            enabled=self.dist.is_main,
+            resume=wandb_resume,  # a resumed training continues its W&B run
         )
 
     def _objective(self) -> nn.Module:

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from selfspec.io import replace_dir, temp_dir_beside
 from selfspec.tree import TreeBuffers, build_tree
 
 FORMAT_VERSION = 1
@@ -275,8 +275,7 @@ class Drafter(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically (a kill leaves the old files)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = temp_dir_beside(directory)
         try:
             meta = {"format_version": FORMAT_VERSION, "kind": self.kind, **self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -288,21 +287,10 @@ class Drafter(nn.Module):
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"kind": self.kind})
             if self.vocab is not None and not isinstance(self.vocab, VocabProjection):
                 self.vocab.save_pretrained(str(tmp))  # PEFT adapter files (the LoRA weights only)
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` with a rename (never a half-written dir)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_drafter_config(directory: Path) -> dict[str, Any]:
