@@ -108,7 +108,8 @@ def default_gguf() -> Path:
 
 
 def default_checkpoint() -> Path:
-    """The default model as a plain transformers checkpoint (converted once from the GGUF)."""
+    """The default model as a plain transformers checkpoint, converted once from the GGUF (fp32, the Q4_1
+    values dequantized exactly, ~540 MB); the GGUF is then removed, so the cache keeps one copy."""
     out = cache_dir() / "models" / DEFAULT_NAME
     if (out / "config.json").is_file():
         return out
@@ -131,6 +132,12 @@ def default_checkpoint() -> Path:
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    gguf.unlink(missing_ok=True)  # one copy kept: the converted one (the GGUF is fetched again if needed)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    print(
+        f"selfspec: default model ready in {out} ({size:.0f} MB, fp32: Q4_1 dequantized exactly)",
+        file=sys.stderr,
+    )
     return out
 
 

@@ -111,6 +111,7 @@ def test_train_end_to_end_then_resume_needs_a_flag(setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 2  # the work dir holds a run: a silent restart would lose it
     assert "pass --resume to continue it or --overwrite" in one_error_line(capsys)
+    first = summary
     assert main([*args, "--resume", "--steps", "8"]) == 0  # continue to 8 steps; caches reused
     summary = json.loads((out / "training.json").read_text())
     assert (
@@ -118,6 +119,10 @@ def test_train_end_to_end_then_resume_needs_a_flag(setup, tmp_path, capsys):
         and summary["distill"]["cached"] == 14
         and summary["distill"]["generated"] == 0
     )
+    # the earlier run's work is kept, not replaced by this run's cache hits
+    for stage in ("distill", "features"):
+        before = {k: v for k, v in first[stage].items() if k != "runs"}
+        assert summary[stage]["runs"] == [before] == first[stage]["runs"], stage
 
 
 def test_train_eagle3_end_to_end_and_export(setup, tmp_path):

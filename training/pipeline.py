@@ -164,17 +164,42 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
         model, [i for i in items if i[0] in held_ids], work / "features" / "held_out", fconfig, dist
     )
     _say(dist, freport.summary())
+    did = {  # what this invocation itself computed, per stage (a resumed run finds the rest cached)
+        "distill": dreport.generated > 0,
+        "features": freport.tokens > freport.cached_tokens,
+        "held_out_features": hreport.tokens > hreport.cached_tokens,
+    }
+    stage_reports = {
+        "distill": dataclasses.asdict(dreport),
+        "features": dataclasses.asdict(freport),
+        "held_out_features": dataclasses.asdict(hreport),
+    }
+    history = stage_history(work, stage_reports, did, dist)
     return {
         "train": feats.load(work / "features" / "train", fused),
         "held_out": feats.load(work / "features" / "held_out", fused),
         "tau_prompts": [r["prompt_ids"] for r in records if r["id"] in held_ids],
         "reports": {
             "data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
-            "distill": dataclasses.asdict(dreport),
-            "features": dataclasses.asdict(freport),
-            "held_out_features": dataclasses.asdict(hreport),
+            **{k: v | {"runs": history[k]} for k, v in stage_reports.items()},
         },
     }
+
+
+def stage_history(
+    work: Path, reports: dict[str, dict[str, Any]], did: dict[str, bool], dist: Dist
+) -> dict[str, list[dict[str, Any]]]:
+    """Each stage's report from every invocation that did work in it, oldest first, kept in
+    ``work/stage_reports.json``: a resumed run's summary keeps what the earlier runs distilled and
+    captured (their counts and seconds) instead of showing only its own cache hits."""
+    path = work / "stage_reports.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    for stage, report in reports.items():
+        if did[stage]:
+            history.setdefault(stage, []).append(report)
+    if dist.is_main:
+        atomic_write_text(path, json.dumps(history, indent=1) + "\n")
+    return {stage: history.get(stage, []) for stage in reports}
 
 
 def _finish(
