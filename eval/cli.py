@@ -222,7 +222,6 @@ def _check_out(args: argparse.Namespace, config) -> None:
 
 
 def check_eval(args: argparse.Namespace) -> None:
-    from selfspec.eval.methods import check_sampling_support
     from selfspec.eval.questions import QuestionFileError, load_questions
     from selfspec.eval.runner import EvalConfig
 
@@ -261,7 +260,6 @@ def check_eval(args: argparse.Namespace) -> None:
             chat=not args.no_chat_template,
         )
         load_questions(config.questions, config.limit, config.per_category)
-        check_sampling_support(config.sampling(), methods)
     except (ValueError, QuestionFileError) as e:
         raise UsageError(str(e)) from e
     _check_paths(args, methods)

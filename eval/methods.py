@@ -12,14 +12,11 @@
 - ``vllm``: vLLM (its own venv and process, ``selfspec.eval.vllm``), no speculation.
 - ``vllm+drafter``: vLLM with the drafter exported by ``selfspec export`` (a chain: vLLM drafts no trees).
 
-Sampling options reach HF and selfspec as the same keyword arguments. ``selfspec.generate`` is
-asked only for what its signature accepts; temperature > 0 with a build whose ``generate`` has
-no ``temperature`` argument is refused up front (``check_sampling_support``).
+Sampling options reach HF, selfspec and vLLM as the same settings.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,34 +59,16 @@ class Sampling:
             "top_k": self.top_k or 0,
         }
 
-    def selfspec_kwargs(self, accepted: set[str]) -> dict[str, Any]:
-        """The keyword arguments for ``selfspec.generate``, limited to those it accepts."""
+    def selfspec_kwargs(self) -> dict[str, Any]:
+        """The sampling keyword arguments of ``selfspec.generate``."""
         if self.greedy:
             return {}
-        values: dict[str, Any] = {
+        return {
             "temperature": self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "top_k": self.top_k or 0,
             "seed": self.seed,
         }
-        return {k: v for k, v in values.items() if k in accepted}
-
-
-def selfspec_parameters() -> set[str]:
-    import selfspec
-
-    return set(inspect.signature(selfspec.generate).parameters)
-
-
-def check_sampling_support(sampling: Sampling, methods: list[str]) -> None:
-    """Refuse temperature > 0 for engine/selfspec when ``selfspec.generate`` is greedy-only."""
-    if sampling.greedy or not set(methods) & set(SELFSPEC_METHODS):
-        return
-    if "temperature" not in selfspec_parameters():
-        raise ValueError(
-            "this selfspec build decodes greedily only (selfspec.generate has no temperature "
-            "argument); use --temperature 0, or keep --methods to hf/pld/assisted for sampling"
-        )
 
 
 class HFMethod:
@@ -132,7 +111,6 @@ class SelfspecMethod:
     ):
         self.name, self.model, self.drafter = name, model, drafter
         self.tree, self.acceptance, self.verify, self.lookup = tree, acceptance, verify, lookup
-        self.accepted = selfspec_parameters()
 
     def generate(
         self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
@@ -151,7 +129,7 @@ class SelfspecMethod:
             acceptance=self.acceptance,
             verify=self.verify,
             **({"lookup": self.lookup} if self.lookup is not None else {}),
-            **sampling.selfspec_kwargs(self.accepted),
+            **sampling.selfspec_kwargs(),
         )
         s = result.stats
         return {

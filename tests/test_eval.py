@@ -194,7 +194,7 @@ def test_turns_all_feeds_the_reference_answer_back(assets, tmp_path):
 
 
 def test_sampled_runs_pass_options_through_and_are_seeded(assets, tmp_path):
-    sampled = ",engine,selfspec" if "temperature" in M.selfspec_parameters() else ""
+    sampled = ",engine,selfspec"
     out = tmp_path / "out"
     extra = ("--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--limit", "1")
     assert main(eval_args(assets, out, *extra, "--repeats", "2", methods="hf,pld" + sampled)) == 0
@@ -354,22 +354,12 @@ def test_assistant_with_another_tokenizer_is_refused(assets, tmp_path, capsys):
     assert len(err) == 1 and "different tokenizer" in err[0] and "vocabulary" in err[0], err
 
 
-def test_temperature_needs_sampling_in_selfspec_generate(assets, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(M, "selfspec_parameters", lambda: {"model", "input_ids", "drafter", "max_new_tokens"})
-    assert main(eval_args(assets, tmp_path / "out", "--temperature", "0.7")) == EXIT_BAD_INPUT
-    assert "greedily only" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------ pure parts, units
-def test_sampling_kwargs_pass_through_only_what_generate_accepts():
+def test_sampling_kwargs_are_the_same_settings_for_hf_and_selfspec():
     s = M.Sampling(temperature=0.7, top_p=0.9, top_k=None, seed=5)
     assert s.hf_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
-    assert s.selfspec_kwargs({"temperature", "top_p", "seed"}) == {
-        "temperature": 0.7,
-        "top_p": 0.9,
-        "seed": 5,
-    }
-    assert M.Sampling().selfspec_kwargs({"temperature"}) == {}
+    assert s.selfspec_kwargs() == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 5}
+    assert M.Sampling().selfspec_kwargs() == {}
 
 
 @pytest.mark.parametrize(
