@@ -8,10 +8,12 @@ or directory beside the target, fsynced, then one ``os.replace``. Modes are what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +32,28 @@ def publish(path: Path) -> None:
         os.chmod(p, umask_mode(directory=p.is_dir()))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temp file and a rename."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """Yield a temp file name beside ``path``; once the body has written it, fsync it and rename it
+    over ``path`` (with plain-write modes). On any error the temp file goes and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsynced temp file and a rename."""
+    with _replacing(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, obj: Any, indent: int = 1, **kw: Any) -> None:
@@ -55,19 +64,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a fsynced temp file and a rename."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(Path(path)) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def temp_dir_beside(target: Path) -> Path:

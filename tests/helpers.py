@@ -322,3 +322,17 @@ def propose_once(model, drafter, prompt):
         bonus = out.logits[-1].argmax()[None]
         state = drafter.begin(64)
         return drafter.propose(state, out.hidden, torch.cat([prompt[1:], bonus]), drafter.tree)
+
+
+def loopback_works() -> bool:
+    """Whether this machine can talk to itself over TCP (torchrun's rendezvous needs it)."""
+    import socket
+
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=2):
+                return True
+    except OSError:
+        return False

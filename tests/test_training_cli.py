@@ -11,7 +11,7 @@ import torch
 
 import selfspec
 from selfspec.cli import main
-from tests.helpers import prompt_rows, tiny_target_dir, write_jsonl
+from tests.helpers import loopback_works, prompt_rows, tiny_target_dir, write_jsonl
 
 torch.set_num_threads(1)
 
@@ -178,6 +178,9 @@ def test_train_eagle3_end_to_end_and_export(setup, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+@pytest.mark.skipif(
+    not loopback_works(), reason="needs TCP over loopback (torchrun's rendezvous); it is down here"
+)
 def test_same_command_under_torchrun_two_processes(setup, tmp_path):
     target, data = setup
     out = tmp_path / "ddp"
@@ -188,7 +191,7 @@ def test_same_command_under_torchrun_two_processes(setup, tmp_path):
         "--nproc_per_node=2",
         "--master_port=29533",
         "-m",
-        "selfspec.cli",
+        "selfspec",
         "train",
         "--model",
         str(target),
