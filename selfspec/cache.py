@@ -17,12 +17,6 @@ import torch
 from selfspec.kernels import HAS_TRITON, kv_commit, kv_commit_reference
 
 
-def offset_causal_mask(q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
-    """Causal mask ``[q, kv]`` bool for q new tokens that follow kv - q cached ones."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return torch.arange(kv_len, device=device)[None, :] <= q_pos
-
-
 class KVStore:
     """Keys and values of every layer for one batch of sequences, preallocated to ``max_len``."""
 

@@ -21,8 +21,9 @@ logit per head joins the softmax and takes its share of the mass). The last two 
 SDPA does not expose, so those layers run a plain-torch attention, as does any layer whose window
 actually cuts the prefix (the Triton kernel has no window).
 
-The KV cache is ``selfspec.cache.KVStore`` seen through ``StoreCache``, a ``transformers.Cache``
-whose layers write into the preallocated store.
+The mask math and the explicit-score attention are ``selfspec.attention`` (torch only); this
+module is the thin adapter. The KV cache is ``selfspec.cache.KVStore`` seen through ``StoreCache``,
+a ``transformers.Cache`` whose layers write into the preallocated store.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import inspect
 import os
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -41,7 +42,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from selfspec import kernels
-from selfspec.cache import KVStore, offset_causal_mask
+from selfspec.attention import TreeMask, causal_mask, explicit_attention, window_cut
+from selfspec.cache import KVStore
 from selfspec.invariance import linear_plans, row_exact_scope
 from selfspec.kernels import cpu_attention
 
@@ -58,100 +60,6 @@ VERIFY = ("exact", "batched")
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
-# ----------------------------------------------------------------------------------- the tree mask
-@dataclass
-class TreeMask:
-    """Per-forward tree structure for attention; one object shared by every layer of a forward."""
-
-    ancestor_mask: torch.Tensor  # [T, T] bool, [i, j] True iff j is i or an ancestor of i
-    backend: str  # "torch" or "triton"
-    exact: bool = True  # torch path: every node bitwise what a one-token step computes (see VERIFY)
-    _dense: dict = field(default_factory=dict, repr=False)  # (kv_len, window) -> [1, 1, T, kv_len] bool
-    _bits: torch.Tensor | None = field(default=None, repr=False)  # [T, W] int32
-    _depths: torch.Tensor | None = field(default=None, repr=False)  # [T] int64
-    _max_depth: int | None = field(default=None, repr=False)
-    _groups: list | None = field(default=None, repr=False)  # per depth: (nodes [n], key rows [n, d+1])
-    _node_keys: tuple | None = field(default=None, repr=False)  # (prefix, [(nodes, rows or None, width)])
-    _ancestor_rows: tuple | None = field(default=None, repr=False)  # (prefix, rows [T, D+1], widths [T])
-
-    def dense(self, kv_len: int, window: int | None = None) -> torch.Tensor:
-        """Boolean mask ``[1, 1, T, kv_len]``: every node sees the prefix and its ancestors; with a
-        sliding ``window``, only the keys less than ``window`` positions behind its own."""
-        key = (kv_len, window)
-        if key not in self._dense:
-            anc = self.ancestor_mask
-            t = anc.shape[0]
-            prefix = torch.ones(t, kv_len - t, dtype=torch.bool, device=anc.device)
-            mask = torch.cat([prefix, anc], dim=1)
-            if window is not None:
-                # Node i sits at position P + depth(i); prefix row j at position j, tree row j at
-                # P + depth(j). The tree itself is never wider than a window, but stay exact.
-                depth = self.depths()
-                start = kv_len - t
-                key_pos = torch.cat([torch.arange(start, device=anc.device), start + depth])
-                mask &= (start + depth)[:, None] - key_pos[None, :] < window
-            self._dense[key] = mask[None, None]
-        return self._dense[key]
-
-    def depths(self) -> torch.Tensor:
-        """Depth of each node (number of strict ancestors), ``[T]``."""
-        if self._depths is None:
-            self._depths = self.ancestor_mask.sum(1) - 1
-        return self._depths
-
-    def reach(self, kv_len: int) -> int:
-        """How far back the deepest node looks: its position minus the first key's (0) plus one.
-        One host read per forward (the mask is shared by all layers), and only for windowed layers."""
-        if self._max_depth is None:
-            self._max_depth = int(self.depths().max())
-        return kv_len - self.ancestor_mask.shape[0] + self._max_depth + 1
-
-    def groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The nodes of each depth d and their ancestors, root first: ``(nodes [n_d], anc [n_d, d+1])``
-        (tree-relative indices). Built once per forward; every layer's per-node attention reads it."""
-        if self._groups is None:
-            depths, self._groups = self.depths(), []
-            for d in range(int(depths.max()) + 1):
-                nodes = (depths == d).nonzero().flatten()
-                # A node's ancestors are its mask row's set bits; index order is depth order.
-                self._groups.append((nodes, self.ancestor_mask[nodes].nonzero()[:, 1].view(-1, d + 1)))
-        return self._groups
-
-    def node_keys(self, prefix: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
-        """Per depth, what each node attends to after ``prefix`` cached rows: ``(nodes [n], rows, width)``
-        with ``rows`` [n, width] the cache rows of its ancestors (root first) that follow the
-        prefix, or None when the depth's only node has tree rows 0..d as ancestors, so the cache's
-        first ``prefix + width`` rows are its keys in place. Built once per forward (every layer
-        reads the same), so the decode step does one host read per depth, not per layer."""
-        if self._node_keys is None or self._node_keys[0] != prefix:
-            out = []
-            for nodes, anc in self.groups():
-                n, width = anc.shape
-                in_place = n == 1 and int(anc[0, -1]) == width - 1
-                out.append((nodes, None if in_place else prefix + anc, width))
-            self._node_keys = (prefix, out)
-        return self._node_keys[1]
-
-    def ancestor_rows(self, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each node's ancestors (itself last) as cache rows after ``prefix`` cached rows, root first:
-        ``rows`` [T, max depth + 1] int64 (padded), ``widths`` [T]. Built once per forward."""
-        if self._ancestor_rows is None or self._ancestor_rows[0] != prefix:
-            anc = self.ancestor_mask
-            widths = anc.sum(1)
-            order = torch.arange(anc.shape[1], device=anc.device).expand_as(anc)
-            # set bits first, in index order (= depth order); the padding repeats the last column
-            ranked = torch.where(anc, order, anc.shape[1]).sort(1).values[:, : int(widths.max())]
-            rows = prefix + ranked.clamp(max=anc.shape[1] - 1)
-            self._ancestor_rows = (prefix, rows.to(torch.int64).cpu(), widths.to(torch.int64).cpu())
-        return self._ancestor_rows[1], self._ancestor_rows[2]
-
-    def bits(self) -> torch.Tensor:
-        """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
-        if self._bits is None:
-            self._bits = kernels.pack_tree_mask(self.ancestor_mask)
-        return self._bits
-
-
 def attention_backend(device: torch.device) -> str:
     """The attention backend for ``device``: SELFSPEC_ATTENTION if set, else triton on CUDA."""
     forced = os.environ.get("SELFSPEC_ATTENTION", "").strip().lower()
@@ -162,38 +70,6 @@ def attention_backend(device: torch.device) -> str:
             raise RuntimeError("SELFSPEC_ATTENTION=triton but triton cannot be imported here; install triton")
         return forced
     return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
-
-
-def _window(kwargs: dict, reach: int) -> int | None:
-    """This layer's sliding window when it cuts something off: a query ``reach`` positions past
-    the first key sees all keys when reach <= window."""
-    window = kwargs.get("sliding_window")
-    return int(window) if window is not None and 0 < int(window) < reach else None
-
-
-def _torch_attention(
-    query: torch.Tensor,  # [B, Hq, T, D]
-    key: torch.Tensor,  # [B, Hkv, S, D]
-    value: torch.Tensor,  # [B, Hkv, S, D]
-    mask: torch.Tensor,  # bool (True = visible) or additive float, broadcastable to [B, Hq, T, S]
-    scale: float,
-    softcap: float | None,
-    sinks: torch.Tensor | None,  # [Hq] one extra logit per head, or None
-) -> torch.Tensor:
-    """Attention with explicit scores, for what SDPA cannot do (soft-capping, sink logits); ``[B, T, Hq, D]``."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    if sinks is not None:
-        # The sink is one more column of the softmax whose value row is zero: it only absorbs mass.
-        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores.float(), dim=-1)
-    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
 
 
 def tree_attention_forward(
@@ -215,17 +91,13 @@ def tree_attention_forward(
     if sinks is None:
         sinks = kwargs.pop("sinks", None)
     if selfspec_tree is None:
-        window = _window(kwargs, kv_len)  # the last query sits kv_len - 1 positions past the first key
+        window = window_cut(kwargs, kv_len)  # the last query sits kv_len - 1 positions past the first key
         if attention_mask is None and (
             window is not None or 1 < q_len < kv_len or softcap is not None or sinks is not None
         ):
-            attention_mask = offset_causal_mask(q_len, kv_len, query.device)
-            if window is not None:
-                q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-                attention_mask &= q_pos - torch.arange(kv_len, device=query.device)[None, :] < window
-            attention_mask = attention_mask[None, None]
+            attention_mask = causal_mask(q_len, kv_len, query.device, window)[None, None]
         if softcap is not None or sinks is not None:
-            return _torch_attention(query, key, value, attention_mask, scale, softcap, sinks), None
+            return explicit_attention(query, key, value, attention_mask, scale, softcap, sinks), None
         if (
             q_len == 1
             and attention_mask is None
@@ -246,7 +118,7 @@ def tree_attention_forward(
             f"{type(module).__name__} adds a position bias inside attention, which tree verification "
             "cannot reproduce; use a model with rotary or learned positions"
         )
-    window = _window(kwargs, selfspec_tree.reach(kv_len)) if kwargs.get("sliding_window") else None
+    window = window_cut(kwargs, selfspec_tree.reach(kv_len)) if kwargs.get("sliding_window") else None
     plain = window is None and softcap is None and sinks is None
     if selfspec_tree.backend == "triton" and plain:
         prefix = torch.full((query.shape[0],), kv_len - q_len, dtype=torch.int32, device=query.device)
@@ -255,7 +127,7 @@ def tree_attention_forward(
         return _per_node_attention(module, query, key, value, selfspec_tree, dropout, scale, **kwargs), None
     mask = selfspec_tree.dense(kv_len, window)
     if softcap is not None or sinks is not None:
-        return _torch_attention(query, key, value, mask, scale, softcap, sinks), None
+        return explicit_attention(query, key, value, mask, scale, softcap, sinks), None
     return sdpa_attention_forward(module, query, key, value, mask, dropout, scale, **kwargs)
 
 
@@ -394,11 +266,26 @@ class StoreCache(Cache):
         self.store = store
 
 
+# ------------------------------------------------- the two private transformers attributes we read
+# Both are read here and nowhere else. Checked on transformers 5.0 through 5.24 (the versions the
+# test suite ran on); transformers offers no public getter for either.
+def routes_attention_through_interface(model: PreTrainedModel) -> bool:
+    """``PreTrainedModel._supports_attention_backend``: True for model classes whose layers call the
+    function registered in ``AttentionInterface`` (what lets a tree reach attention)."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+def current_attention(model: PreTrainedModel) -> str:
+    """``config._attn_implementation``: the attention the model uses now (set through the public
+    ``set_attn_implementation``)."""
+    return model.config._attn_implementation
+
+
 # --------------------------------------------------------------------------------- model plumbing
 def check_supported(model: PreTrainedModel) -> None:
     """Raise a clear error when ``model``'s attention cannot take a tree mask through the interface."""
     name = type(model).__name__
-    if not getattr(model, "_supports_attention_backend", False):
+    if not routes_attention_through_interface(model):
         raise ValueError(
             f"{name} does not route attention through transformers' AttentionInterface, so it cannot "
             "verify a token tree; use a model family that supports attn_implementation switching "
@@ -419,7 +306,7 @@ def check_supported(model: PreTrainedModel) -> None:
 def selfspec_attention(model: PreTrainedModel) -> Iterator[None]:
     """Switch ``model`` to the "selfspec" attention for the duration; restore the previous one."""
     register()
-    previous = model.config._attn_implementation
+    previous = current_attention(model)
     if previous != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
     try:

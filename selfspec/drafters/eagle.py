@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from selfspec.cache import KVStore, offset_causal_mask
+from selfspec.attention import offset_causal_mask
+from selfspec.cache import KVStore
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
 from selfspec.tree import (
     DraftPool,
