@@ -135,6 +135,30 @@ def medusa_tensors(
     return config, tensors
 
 
+def llama_layer_config(c: Any, target: Any, layers: int, vocab: int) -> dict[str, Any]:
+    """The LlamaConfig fields both EAGLE layouts share: the drafter layer's geometry (``c``, an
+    ``EagleConfig``), ``layers`` decoder layers, and the target's positions and special tokens."""
+    return {
+        "model_type": "llama",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "num_hidden_layers": layers,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "vocab_size": vocab,
+        "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
+        "bos_token_id": getattr(target, "bos_token_id", None),
+        "eos_token_id": getattr(target, "eos_token_id", None),
+    }
+
+
 def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if drafter.vocab is not None and not isinstance(drafter.vocab, VocabProjection):
         raise ValueError(
@@ -163,24 +187,8 @@ def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any]
     target = model.config.get_text_config()
     config = {
         "architectures": [EAGLE_ARCHITECTURE[engine]],
-        "model_type": "llama",
-        "hidden_size": h,
-        "intermediate_size": c.intermediate_size,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "num_hidden_layers": 2,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "vocab_size": c.vocab_size,
-        "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
+        **llama_layer_config(c, target, layers=2, vocab=c.vocab_size),
         "tie_word_embeddings": bool(getattr(target, "tie_word_embeddings", False)),
-        "bos_token_id": getattr(target, "bos_token_id", None),
-        "eos_token_id": getattr(target, "eos_token_id", None),
     }
     return config, tensors
 
@@ -228,29 +236,13 @@ def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, 
     aux = [int(i) for i in c.fuse_layers]
     config = {
         "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
-        "hidden_size": c.hidden_size,
+        **llama_layer_config(c, target, layers=1, vocab=vocab),
         "target_hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "num_hidden_layers": 1,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "vocab_size": vocab,
         "draft_vocab_size": int(weight.shape[0]),
         "norm_before_residual": False,
         "eagle_aux_hidden_state_layer_ids": aux,
         "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux, "use_aux_hidden_state": True},
-        "max_position_embeddings": int(getattr(target, "max_position_embeddings", 4096)),
         "tie_word_embeddings": False,
-        "bos_token_id": getattr(target, "bos_token_id", None),
-        "eos_token_id": getattr(target, "eos_token_id", None),
     }
     return config, tensors
 
