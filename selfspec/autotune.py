@@ -35,7 +35,14 @@ from selfspec.drafters import Drafter
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
 from selfspec.io import atomic_write_json
 from selfspec.models import cache_dir
-from selfspec.tree import DynamicTree, TreeBuffers, chain, prior_acceptance, tree_from_acceptance
+from selfspec.tree import (
+    DynamicTree,
+    TreeBuffers,
+    chain,
+    expected_tau,
+    prior_acceptance,
+    tree_from_acceptance,
+)
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
 VERSION = 10  # bump when the candidates or the cost model change: older cache entries are re-measured
@@ -45,16 +52,9 @@ STEP_ROWS = 2  # positions a drafter catches up on per decode step (the kept pat
 MARGIN = 0.05
 
 
-def expected_tau(acceptance: torch.Tensor, budget: int) -> float:
+def budget_tau(acceptance: torch.Tensor, budget: int) -> float:
     """Expected tokens per step of the best static tree of ``budget`` nodes (bonus counted)."""
-    tree = tree_from_acceptance(acceptance, budget)
-    total = 1.0
-    for path in tree.paths():
-        p = 1.0
-        for d, k in enumerate(path):
-            p *= float(acceptance[d, k])
-        total += p
-    return total
+    return expected_tau(acceptance, tree_from_acceptance(acceptance, budget).paths())
 
 
 def drafter_acceptance(drafter: Drafter, spec: DynamicTree) -> torch.Tensor:
@@ -158,7 +158,7 @@ def auto_tree(
             raise ValueError(f"tree budgets must be >= 1 node, got {tuple(budgets)}")
         acc = drafter_acceptance(drafter, DynamicTree())
         costs = measure(model, drafter, budgets, verify=verify)
-        rates = {n: expected_tau(acc, n) / (d + v) for n, (d, v) in costs.items()}
+        rates = {n: budget_tau(acc, n) / (d + v) for n, (d, v) in costs.items()}
         best = max(rates, key=rates.get)
         if 1 in rates and rates[best] < (1 + MARGIN) * rates[1]:
             best = 1  # within timing noise of plain decoding: do not draft

@@ -130,8 +130,14 @@ def _warp_tree(logits: torch.Tensor, draft: Draft, committed: torch.Tensor, dec:
     return probs
 
 
-def _eos_set(model: PreTrainedModel, eos_token_id: int | Iterable[int] | None) -> set[int]:
+def eos_ids(
+    model: PreTrainedModel, eos_token_id: int | Iterable[int] | None = None, fallback: int | None = None
+) -> set[int]:
+    """The tokens that end a reply: ``eos_token_id`` when given, else the model's generation config's,
+    else ``fallback`` (a tokenizer's eos token); empty when there is none. Decoding, distillation and
+    self-written prompts all stop on this set."""
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    eos = eos if eos is not None else fallback
     if eos is None:
         return set()
     return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
@@ -261,7 +267,7 @@ def generate(
         row_exact(
             model
         )  # measures which linear shapes need row-exact GEMMs once per process, before the clock starts
-    eos = _eos_set(model, eos_token_id)
+    eos = eos_ids(model, eos_token_id)
     return _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, lookup)
 
 

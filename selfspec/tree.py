@@ -158,6 +158,18 @@ def chain(depth: int) -> TreeBuffers:
     return build_tree([(0,) * d for d in range(1, depth + 1)])
 
 
+def expected_tau(acceptance: torch.Tensor, paths: Iterable[Sequence[int]]) -> float:
+    """Expected tokens per step of the tree of ``paths`` (bonus counted): 1 + the sum over nodes of
+    the product of ``acceptance[d, k]`` along each node's path (independence, as in Medusa)."""
+    total = 1.0
+    for path in paths:
+        p = 1.0
+        for d, k in enumerate(path):
+            p *= float(acceptance[d, k])
+        total += p
+    return total
+
+
 def tree_from_acceptance(acceptance: torch.Tensor, num_nodes: int) -> TreeBuffers:
     """The static tree of ``num_nodes`` nodes (root included) with the largest expected accepted length.
 

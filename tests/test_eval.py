@@ -356,10 +356,12 @@ def test_assistant_with_another_tokenizer_is_refused(assets, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ pure parts, units
 def test_sampling_kwargs_are_the_same_settings_for_hf_and_selfspec():
-    s = M.Sampling(temperature=0.7, top_p=0.9, top_k=None, seed=5)
-    assert s.hf_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
-    assert s.selfspec_kwargs() == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 5}
-    assert M.Sampling().selfspec_kwargs() == {}
+    s = runner.EvalConfig(questions=["q"], temperature=0.7, top_p=0.9, top_k=None, seed=5).sampling()
+    assert M.hf_kwargs(s) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
+    assert M.selfspec_kwargs(s) == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "seed": 5}
+    assert M.vllm_request(s) == {"temperature": 0.7, "seed": 5, "top_p": 0.9, "top_k": 0}
+    greedy = runner.EvalConfig(questions=["q"]).sampling()
+    assert M.selfspec_kwargs(greedy) == {} and M.hf_kwargs(greedy)["do_sample"] is False
 
 
 @pytest.mark.parametrize(

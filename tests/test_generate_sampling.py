@@ -242,11 +242,11 @@ def test_sized_dynamic_tree_drafts_no_more_than_it_keeps():
 
 
 def test_expected_tau_grows_with_budget():
-    from selfspec.autotune import expected_tau
+    from selfspec.autotune import budget_tau
     from selfspec.tree import prior_acceptance
 
     acc = prior_acceptance(4, 4, 0.7, 0.8)
-    taus = [expected_tau(acc, n) for n in (1, 2, 8, 32)]
+    taus = [budget_tau(acc, n) for n in (1, 2, 8, 32)]
     assert taus[0] == 1.0 and taus == sorted(taus) and taus[1] == pytest.approx(1.7)
 
 

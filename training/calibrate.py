@@ -19,7 +19,7 @@ import selfspec
 from selfspec.training.features import Sequence
 from selfspec.training.objectives import Pack, TargetReadout, shifted, unroll_no_grad
 from selfspec.training.trainer import PackSchedule, collate, deployable_copy
-from selfspec.tree import build_tree, tree_from_acceptance
+from selfspec.tree import expected_tau, tree_from_acceptance
 
 
 @dataclass
@@ -117,17 +117,6 @@ def measure_acceptance(
     return acceptance.cummin(dim=-1).values, positions.long().tolist()
 
 
-def expected_tau(acceptance: torch.Tensor, paths: list[list[int]]) -> float:
-    """1 (the bonus token) + the sum over nodes of the product of acceptances along each path."""
-    total = 1.0
-    for path in paths:
-        p = 1.0
-        for d, k in enumerate(path):
-            p *= float(acceptance[d, k])
-        total += p
-    return total
-
-
 def calibrate(
     drafter: selfspec.Drafter, model, sequences: list[Sequence], config: CalibrationConfig
 ) -> Calibration:
@@ -146,5 +135,4 @@ def calibrate(
     drafter.config.acceptance = [
         [round(float(a), 6) for a in row] for row in acceptance.tolist()
     ]  # tree="auto" reads it
-    drafter.tree = build_tree(paths)
     return Calibration(acceptance, positions, paths, expected_tau(acceptance, paths))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from selfspec.decoding import eos_ids
 from selfspec.hf import cache_argument
 from selfspec.io import atomic_write_text
 from selfspec.sampling import SamplingConfig, sample_tokens, warp_logits
@@ -104,12 +105,6 @@ def original_response_ids(tokenizer: Any, example: Example, prompt: list[int]) -
 
 
 # ------------------------------------------------------------------------------------- decode
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-
-
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -249,7 +244,7 @@ def _distill_shard(
 ) -> None:
     """Generate ``todo`` batch by batch (shortest prompts together), appending to ``sink``."""
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p)
-    eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    eos, pad = eos_ids(model, fallback=tokenizer.eos_token_id), tokenizer.pad_token_id
     pad = pad if pad is not None else min(eos, default=0)  # padded positions are masked: any id works
     encoded = [(e, prompt_ids(tokenizer, e)) for e in todo]
     report.skipped_long = sum(len(p) > config.max_prompt_tokens for _, p in encoded)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from selfspec.cache import KVStore
+from selfspec.drafters.base import VocabProjection
 
 
 @dataclass(frozen=True)
@@ -113,21 +114,12 @@ def unroll_no_grad(
     return inputs, outputs
 
 
-class TargetReadout(nn.Module):
-    """The frozen target's logits over the draft vocabulary: ``[N, H] -> [N, Vd]`` (no LoRA)."""
-
-    def __init__(self, lm_head: nn.Module, draft_ids: torch.Tensor | None):
-        super().__init__()
-        weight = lm_head.weight.detach()
-        bias = getattr(lm_head, "bias", None)
-        if draft_ids is not None:
-            weight = weight[draft_ids.to(weight.device)]
-            bias = None if bias is None else bias.detach()[draft_ids.to(weight.device)]
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+class TargetReadout(VocabProjection):
+    """The frozen target's logits over the draft vocabulary, ``[N, H] -> [N, Vd]`` in fp32: the
+    drafter's own read-out without its LoRA (the same weights and row gather, one owner)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
+        return self.proj(h.to(self.proj.weight.dtype)).float()
 
 
 def draft_labels(tokens: torch.Tensor, target_to_draft: torch.Tensor | None) -> torch.Tensor:

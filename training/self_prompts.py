@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
+from selfspec.decoding import eos_ids
 from selfspec.sampling import SamplingConfig
 from selfspec.training.data import DataReport, Example
-from selfspec.training.distill import check_manifest, eos_ids, generate_batch, read_responses
+from selfspec.training.distill import check_manifest, generate_batch, read_responses
 from selfspec.training.utils import Dist, progress
 
 SOURCE = "self"  # example ids are "self:<n>"
@@ -94,7 +95,7 @@ def _generate(
     model, tokenizer, header: list[int], todo: list[range], own: Path, seed: int, dist: Dist
 ) -> None:
     sampling = SamplingConfig(temperature=TEMPERATURE, top_p=TOP_P)
-    eos, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    eos, pad = eos_ids(model, fallback=tokenizer.eos_token_id), tokenizer.pad_token_id
     pad = pad if pad is not None else min(eos, default=0)
     bar = progress(
         total=sum(len(b) for b in todo), desc="self-prompts", unit="prompt", disable=not dist.is_main

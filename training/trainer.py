@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import selfspec
+from selfspec.drafters import KINDS
 from selfspec.io import atomic_torch_save, atomic_write_text
 from selfspec.tracking import Run
 from selfspec.training.features import Sequence
@@ -39,12 +40,12 @@ from selfspec.training.utils import (
     set_rng_state,
 )
 
-KINDS = ("eagle", "eagle3", "medusa")
-
 
 @dataclass
 class TrainConfig:
-    kind: str = dataclasses.field(default="eagle", metadata={"help": f"drafter kind: {', '.join(KINDS)}"})
+    kind: str = dataclasses.field(
+        default="eagle", metadata={"help": f"drafter kind: {', '.join(sorted(KINDS))}"}
+    )
     steps: int = dataclasses.field(default=2000, metadata={"help": "optimizer steps"})
     batch_tokens: int = dataclasses.field(
         default=2048, metadata={"help": "rows per micro-batch (sequences packed)"}
@@ -111,7 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"unknown drafter kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise ValueError(f"unknown drafter kind {self.kind!r}; choose one of {', '.join(sorted(KINDS))}")
         positive = (
             "steps",
             "batch_tokens",

@@ -180,13 +180,22 @@ class Drafter(nn.Module):
         super().__init__()
         self.config = config
         self._shared = shared  # a dataclass, so nn.Module does not register (save, train) it
-        paths = config.tree if config.tree is not None else self.default_paths()
-        self.tree = build_tree(paths)  # the static tree propose() uses unless given another
+        self._tree: tuple[tuple, TreeBuffers] | None = None  # (paths, built) cache of ``tree``
         self.vocab: nn.Module | None = None  # VocabProjection (maybe PEFT-wrapped); None = the shared lm_head
         if config.draft_vocab_size:  # [Vd] int64 target id of each draft token, set by set_draft_vocab
             self.register_buffer("draft_ids", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         else:
             self.draft_ids = None
+
+    @property
+    def tree(self) -> TreeBuffers:
+        """The static tree propose() uses unless given another: built from ``config.tree`` (the
+        one owner of the paths, as saved and as calibration sets them) or the kind's default."""
+        paths = self.config.tree if self.config.tree is not None else self.default_paths()
+        key = tuple(tuple(p) for p in paths)
+        if self._tree is None or self._tree[0] != key:
+            self._tree = (key, build_tree(paths))
+        return self._tree[1]
 
     def default_paths(self) -> list[tuple[int, ...]]:
         """The kind's default static tree when the config names none (before calibration)."""
