@@ -307,10 +307,11 @@ NEAR_TIE = {"float64": 1e-8, "float32": 1e-2, "float16": 0.1, "bfloat16": 0.5}
 
 
 def verdict(info: dict[str, Any], dtype: str) -> str:
-    """'near-tie' when the other method took the target's runner-up within NEAR_TIE[dtype] of the
-    top logit; 'suspect' otherwise (worth a bug report); 'length' when only EOS placement differs
-    past the end of the reference."""
+    """'near-tie' when the other method's token scored within NEAR_TIE[dtype] of the reference's
+    (the target's top logit), exact ties included, whichever of them topk lists first; 'suspect'
+    otherwise (worth a bug report); 'length' when only EOS placement differs past the end of the
+    reference."""
     if info["margin"] is None:
         return "length"
-    tied = info["token"] == info["runner_up"] and info["margin"] <= NEAR_TIE.get(dtype, 1e-2)
+    tied = info["gap"] is not None and info["gap"] <= NEAR_TIE.get(dtype, 1e-2)
     return "near-tie" if tied else "suspect"

@@ -17,6 +17,7 @@ DRAFTING = (
     "selfspec",
     "lookup",
     "selfspec+lookup",
+    "vllm+drafter",
 )  # methods whose forwards can produce more than one token
 
 

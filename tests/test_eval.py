@@ -393,8 +393,11 @@ def test_mismatch_diagnosis_reads_the_targets_margin(assets):
     assert info["gap"] == pytest.approx(info["margin"])
     assert M.diagnose_mismatch(model, prompt, ref, list(ref)) is None
     assert M.verdict(info, "float64") == ("near-tie" if info["margin"] <= 1e-8 else "suspect")
-    assert M.verdict({**info, "margin": 1e-4}, "float32") == "near-tie"
-    assert M.verdict({**info, "margin": 1e-4, "token": second + 1}, "float32") == "suspect"
+    assert M.verdict({**info, "gap": 1e-4}, "float32") == "near-tie"
+    assert M.verdict({**info, "gap": 0.5}, "float32") == "suspect"
+    # an exact tie in which topk lists the other method's token first (the reference's is runner-up)
+    tie = {**info, "token": second + 1, "runner_up": ref[3], "margin": 0.0, "gap": 0.0}
+    assert M.verdict(tie, "bfloat16") == "near-tie"
 
 
 def _record(method, category, new_tokens, wall, hist, exact=None):
@@ -562,6 +565,7 @@ def test_vllm_methods_run_in_their_worker_beside_hf(assets, tmp_path, fake_vllm)
     # the fake keeps the first drafted token of every draft: 2 tokens per step, depth 1 always, depth 2 never
     assert by["vllm+drafter"]["tau"] == 2.0 and by["vllm+drafter"]["accepted_by_depth"] == [1.0, 0.0]
     assert by["vllm"]["tokens"] == by["vllm+drafter"]["tokens"]
+    assert res["summary"]["vllm+drafter"]["accepted_by_depth"] == [1.0, 0.0]  # reported per depth too
     assert (out / "vllm.log").read_text().count("generating") >= 2  # vLLM's stdout went to the log
 
 
