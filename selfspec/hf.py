@@ -316,16 +316,35 @@ def selfspec_attention(model: PreTrainedModel) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
-def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
-    """A KV store sized for ``model`` (batch 1), in the model's dtype and device."""
+@dataclass(frozen=True)
+class Geometry:
+    """The attention shape of a target, read from its (text) config in one place: heads, KV heads
+    (GQA; = heads when the config names none), head size (hidden / heads when it names none)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def geometry(model: PreTrainedModel) -> Geometry:
     config = model.config.get_text_config()
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return KVStore(
+    return Geometry(
         num_layers=config.num_hidden_layers,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
+    """A KV store sized for ``model`` (batch 1), in the model's dtype and device."""
+    g = geometry(model)
+    return KVStore(
+        num_layers=g.num_layers,
+        num_kv_heads=g.num_kv_heads,
+        head_dim=g.head_dim,
         max_len=max_len,
         dtype=model.dtype,
         device=model.device,

