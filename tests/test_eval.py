@@ -599,3 +599,13 @@ def test_vllm_counters_become_the_acceptance_histogram(drafts, per_pos, hist):
     got = hist_from_counts(drafts, per_pos)
     assert got == hist and sum(got) == drafts
     assert sum(k * n for k, n in enumerate(got)) == drafts + sum(per_pos)  # tokens = one per draft + accepted
+
+
+def test_vllm_methods_on_a_gpu_machine_need_an_explicit_python(monkeypatch):
+    """The venv made automatically is vLLM's CPU build; on a CUDA machine it would be the wrong one."""
+    from selfspec.eval import vllm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(vllm, "ensure_venv", lambda *a, **k: pytest.fail("must not build a CPU venv here"))
+    with pytest.raises(ValueError, match="need --vllm-python on a GPU machine"):
+        vllm.vllm_python(None)
