@@ -42,9 +42,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
             kw["default"] = None  # computed from the drafter and --assistant (see _methods)
         else:
             base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-            kw["type"] = Path if f.name in PATHS else (str if typing.get_origin(hint) is list else base[0])
-            if f.name == "tree":
-                kw["type"] = str
+            kw["type"] = Path if f.name in PATHS else base[0]  # tree (str | int): str, parsed by the config
             if default is not None:
                 kw["default"] = Path(default) if f.name in PATHS else default
                 kw["help"] += " (default: %(default)s)"

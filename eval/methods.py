@@ -141,20 +141,12 @@ class VLLMMethod:
         from selfspec.eval.vllm import hist_from_counts
 
         out = self.worker.generate(ids.reshape(-1).tolist(), max_new_tokens, vllm_request(sampling))
-        if not out["drafts"]:  # no speculation: one token per forward, as HF's streamer counts them
-            hist = [0, len(out["tokens"])]
-            return {
-                "tokens": out["tokens"],
-                "accepted_hist": hist,
-                "accepted_by_depth": [],
-                "engine_s": out["seconds"],
-            }
-        hist = hist_from_counts(out["drafts"], out["per_pos"])
-        depth = [n / out["drafts"] for n in out["per_pos"]]
+        drafts = out["drafts"]
         return {
             "tokens": out["tokens"],
-            "accepted_hist": hist,
-            "accepted_by_depth": depth,
+            # no speculation: one token per forward, as HF's streamer counts them
+            "accepted_hist": hist_from_counts(drafts, out["per_pos"]) if drafts else [0, len(out["tokens"])],
+            "accepted_by_depth": [n / drafts for n in out["per_pos"]] if drafts else [],
             "engine_s": out["seconds"],
         }
 

@@ -126,10 +126,13 @@ class Worker:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env
         )
-        hello = self._read()
-        if not hello.get("ready"):
-            self.close()
-            raise RuntimeError(f"vLLM did not start: {hello.get('error', hello)} (log: {log_path})")
+        try:
+            hello = self._read()
+            if not hello.get("ready"):
+                raise RuntimeError(f"vLLM did not start: {hello.get('error', hello)} (log: {log_path})")
+        except BaseException:
+            self.close()  # the process and its log file, whether it answered an error or died
+            raise
         self.version = hello.get("vllm")
 
     def _read(self) -> dict[str, Any]:

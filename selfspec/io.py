@@ -33,7 +33,7 @@ def publish(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[str]:
+def replacing(path: Path) -> Iterator[str]:
     """Yield a temp file name beside ``path``; once the body has written it, fsync it and rename it
     over ``path`` (with plain-write modes). On any error the temp file goes and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def _replacing(path: Path) -> Iterator[str]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a fsynced temp file and a rename."""
-    with _replacing(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with replacing(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
 
@@ -64,7 +64,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a fsynced temp file and a rename."""
     import torch
 
-    with _replacing(Path(path)) as tmp:
+    with replacing(Path(path)) as tmp:
         torch.save(obj, tmp)
 
 

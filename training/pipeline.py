@@ -23,7 +23,7 @@ import torch
 
 import selfspec
 from selfspec.drafters import default_fuse_layers
-from selfspec.io import atomic_write_text, publish
+from selfspec.io import atomic_write_text, replacing
 from selfspec.training import features as feats
 from selfspec.training.calibrate import CalibrationConfig, calibrate
 from selfspec.training.data import DataConfig, load_all, split_held_out
@@ -112,10 +112,8 @@ def save_drafter(drafter: selfspec.Drafter, out: Path, dtype: str) -> Path:
         k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
         for k, v in load_file(str(path)).items()
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"kind": drafter.kind})
-    tmp.replace(path)
-    publish(out)  # save_pretrained builds in a private temp dir; the result is for everyone to read
+    with replacing(path) as tmp:
+        save_file(state, tmp, metadata={"kind": drafter.kind})
     return out
 
 
