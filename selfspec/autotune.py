@@ -114,7 +114,7 @@ def _budget_calls(model, drafter, ids, spec, n, repeats, backend, verify):
     """The (draft, verify) calls one budget is timed with; draft is None for plain decoding."""
     prefix = ids.numel()
     cache = StoreCache(new_store(model, prefix + spec.pool_size + 1))
-    first = target_forward(model, cache, ids, layers=drafter.feature_layers)
+    first = target_forward(model, cache, ids, feature_layers=drafter.feature_layers)
     cache.store.commit(torch.arange(prefix))
     if n == 1:  # plain decoding: no draft, a one-token step
         return None, lambda: target_forward(model, cache, ids[-1:])

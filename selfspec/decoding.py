@@ -291,7 +291,9 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, looku
     with selfspec_attention(model):
         cache = StoreCache(new_store(model, max_len))
         state = drafter.begin(max_len) if drafter is not None else None
-        first = target_forward(model, cache, prompt, layers=feature_layers(drafter), last_logits_only=True)
+        first = target_forward(
+            model, cache, prompt, feature_layers=feature_layers(drafter), last_logits_only=True
+        )
         cache.store.commit(torch.arange(prompt.numel()))
         token = dec.first_token(first.logits[-1], prompt)  # [1]
         stats.prefill_s = time.perf_counter() - start

@@ -370,7 +370,7 @@ def row_exact(model: PreTrainedModel) -> contextlib.AbstractContextManager:
 class TargetOutput:
     logits: torch.Tensor  # [T, V] fp32 logits at each input position / tree node
     hidden: torch.Tensor  # [T, F] what the drafter reads: the last hidden state (F = H), or the
-    # hidden states of ``layers`` concatenated (EAGLE-3's fused input, F = len(layers) * H)
+    # hidden states of ``feature_layers`` concatenated (EAGLE-3's fused input, F = len(layers) * H)
 
 
 def target_forward(
@@ -379,7 +379,7 @@ def target_forward(
     tokens: torch.Tensor,  # [T] int64, new tokens (prompt chunk, one token, or tree nodes)
     depths: torch.Tensor | None = None,  # [T] int64 tree depths; None = consecutive positions
     tree: TreeMask | None = None,  # None = causal over the new tokens
-    layers: tuple[int, ...] = (-1,),  # hidden-state indices the drafter reads (0 = embeddings)
+    feature_layers: tuple[int, ...] = (-1,),  # hidden-state indices the drafter reads (0 = embeddings)
     last_logits_only: bool = False,  # prefill: logits of the last position only (as HF generate)
 ) -> TargetOutput:
     """One target forward over new tokens after the committed cache rows; K/V land in the store
@@ -402,7 +402,8 @@ def target_forward(
             **extra,
         )
     states = out.hidden_states
-    hidden = states[layers[0]][0] if len(layers) == 1 else torch.cat([states[i][0] for i in layers], -1)
+    picked = [states[i][0] for i in feature_layers]
+    hidden = picked[0] if len(picked) == 1 else torch.cat(picked, -1)
     return TargetOutput(logits=out.logits[0].float(), hidden=hidden)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from selfspec.drafters import KINDS, Drafter, SharedModules, default_fuse_layers
+from selfspec.drafters import KINDS, Drafter, SharedModules, default_feature_layers
 from selfspec.drafters.base import check_compatible, load_weights, read_drafter_config, target_fingerprint
 from selfspec.hf import check_supported, geometry
 from selfspec.io import replace_dir, temp_dir_beside
@@ -249,7 +249,7 @@ def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
         )
     if kind == "eagle3":
-        out["fuse_layers"] = default_fuse_layers(config.num_hidden_layers)
+        out["feature_layers"] = default_feature_layers(config.num_hidden_layers)
     return out
 
 

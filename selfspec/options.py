@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+# The drafter kinds by name (their classes: selfspec.drafters.KINDS, built from this list), here so
+# that flags and configs can name them without importing torch.
+DRAFTER_KINDS = ("medusa", "eagle", "eagle3")
+
 
 class UsageError(ValueError):
     """Bad command-line input, caught before any model is loaded."""

@@ -318,7 +318,7 @@ def propose_once(model, drafter, prompt):
 
     with torch.inference_mode(), selfspec_attention(model):
         cache = StoreCache(new_store(model, 64))
-        out = target_forward(model, cache, prompt, layers=drafter.feature_layers)
+        out = target_forward(model, cache, prompt, feature_layers=drafter.feature_layers)
         bonus = out.logits[-1].argmax()[None]
         state = drafter.begin(64)
         return drafter.propose(state, out.hidden, torch.cat([prompt[1:], bonus]), drafter.tree)

@@ -357,15 +357,15 @@ def test_default_model_download_error_is_readable():
 
 
 def test_help_and_generate_parser_load_no_heavy_stack():
-    """`selfspec --help`, `generate --help` and `eval --help` import neither torch nor transformers (the
-    package's names are imported on first use; other commands' modules only when they run)."""
+    """No command's --help imports torch or transformers (the packages' names are imported on first
+    use; a command's heavy modules only when it runs)."""
     probe = (
         "import sys, contextlib, io\n"
         "from selfspec.cli import main\n"
-        "for argv in (['--help'], ['generate', '--help'], ['eval', '--help']):\n"
+        "for argv in (['--help'], *([c, '--help'] for c in ('generate', 'train', 'export', 'eval'))):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main(argv)\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'selfspec.training') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'selfspec.training.pipeline') if m in sys.modules)\n"
         "print(heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -381,6 +381,12 @@ def test_public_names_resolve_lazily_to_their_homes():
     for name, module in selfspec._HOME.items():
         assert getattr(selfspec, name) is getattr(importlib.import_module(module), name)
     assert callable(selfspec.generate)  # the function, not the module it lives in
+
+    from selfspec import training
+
+    assert sorted(training.__all__) == sorted(training._HOME)
+    for name, (module, attr) in training._HOME.items():
+        assert getattr(training, name) is getattr(importlib.import_module(module), attr)
 
 
 def test_eval_flags_are_the_config_fields():

@@ -37,6 +37,19 @@ def test_save_load_gives_same_proposals(tiny_models, tmp_path, kind):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+def test_config_written_with_the_old_layer_name_loads(tiny_models, tmp_path):
+    """EAGLE-3 drafters saved before the rename wrote ``fuse_layers``; they keep loading."""
+    model = tiny_models("llama")
+    drafter = randomized(selfspec.new_drafter("eagle3", model, feature_layers=[1, 0, 2]), seed=4)
+    drafter.save_pretrained(tmp_path / "d")
+    path = tmp_path / "d" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["fuse_layers"] = meta.pop("feature_layers")
+    path.write_text(json.dumps(meta))
+    loaded = selfspec.load_drafter(tmp_path / "d", model)
+    assert loaded.feature_layers == (1, 0, 2) and loaded.config == drafter.config
+
+
 def test_save_replaces_atomically(tiny_models, tmp_path):
     model = tiny_models("llama")
     first = randomized(selfspec.new_drafter("medusa", model), seed=1)
@@ -133,3 +146,16 @@ def test_untrained_medusa_heads_start_as_identity(tiny_models):
     draft = propose_once(model, selfspec.new_drafter("medusa", model), torch.tensor([3, 1, 4, 1, 5]))
     top1 = draft.tokens[draft.tree.ranks == 0]
     assert bool((top1 == draft.tokens[0]).all())
+
+
+def test_each_kind_offers_the_training_protocol_its_objective_uses(tiny_models):
+    """Training reads a drafter only through TrainableHeads / TrainableStep (and the base's
+    read-out); each kind offers exactly one of them."""
+    from selfspec.drafters import TrainableHeads, TrainableStep
+
+    model = tiny_models("llama")
+    medusa = selfspec.new_drafter("medusa", model)
+    assert isinstance(medusa, TrainableHeads) and not isinstance(medusa, TrainableStep)
+    for kind in ("eagle", "eagle3"):
+        drafter = selfspec.new_drafter(kind, model)
+        assert isinstance(drafter, TrainableStep) and not isinstance(drafter, TrainableHeads)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import selfspec
 from selfspec.cli import main
-from selfspec.training.export import EAGLE3_REFUSAL, check_format, export
+from selfspec.training.exporter import EAGLE3_REFUSAL, check_format, export
 from tests.helpers import make_tiny, randomized, tiny_target_dir
 
 torch.set_num_threads(1)
@@ -181,8 +181,8 @@ def test_eagle3_export_is_complete_and_exact(model, tmp_path, vocab, lora):
     cfg, w = read(export(drafter, model, "eagle3", tmp_path / "e3"))
     c, h = drafter.config, 64
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
-    assert cfg["eagle_aux_hidden_state_layer_ids"] == c.fuse_layers == [2, 1, 0]
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == c.fuse_layers
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == c.feature_layers == [2, 1, 0]
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == c.feature_layers
     assert (cfg["vocab_size"], cfg["draft_vocab_size"], cfg["norm_before_residual"]) == (
         256,
         vocab or 256,
@@ -241,7 +241,7 @@ def test_medusa_export_is_complete_and_exact(model, tmp_path, vocab, lora):
     assert w["lm_head.weight"].shape == (vocab or 256, 64)
     hidden = torch.randn(5, 64, dtype=torch.float64)
     with torch.no_grad():
-        ours = [drafter.lm_head(drafter.head_hidden(hidden)[:, i]) for i in range(3)]
+        ours = [drafter.lm_head(drafter.depth_states(hidden)[:, i]) for i in range(3)]
     for a, b in zip(medusa_reference(cfg, w, hidden), ours):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
@@ -267,7 +267,7 @@ def test_medusa_full_vocab_export_writes_the_whole_readout_with_the_drafters_row
     torch.testing.assert_close(w["lm_head.weight"][rest], target[rest].to(w["lm_head.weight"].dtype))
     hidden = torch.randn(5, 64, dtype=torch.float64)
     with torch.no_grad():
-        ours = [drafter.lm_head(drafter.head_hidden(hidden)[:, i]) for i in range(2)]
+        ours = [drafter.lm_head(drafter.depth_states(hidden)[:, i]) for i in range(2)]
     for a, b in zip(medusa_reference(cfg, w, hidden), ours):
         torch.testing.assert_close(a[:, ids], b[:, ids], atol=1e-9, rtol=1e-9)
     note = json.loads((out / "selfspec_export.json").read_text())
@@ -281,7 +281,7 @@ def test_export_refusals(model, tmp_path):
     with pytest.raises(ValueError, match="--format eagle exports eagle drafters, but this drafter is eagle3"):
         check_format("eagle3", "eagle")
     with pytest.raises(ValueError, match="fuses exactly 3 target layers"):
-        export(selfspec.new_drafter("eagle3", model, fuse_layers=[1, 2]), model, "eagle3", tmp_path / "z")
+        export(selfspec.new_drafter("eagle3", model, feature_layers=[1, 2]), model, "eagle3", tmp_path / "z")
     with pytest.raises(
         ValueError, match="--format medusa exports medusa drafters, but this drafter is eagle"
     ):
@@ -325,7 +325,7 @@ def test_export_cli(tmp_path, capsys):
 
 
 def test_best_chain_maximizes_tokens_per_cost():
-    from selfspec.training.export import best_chain
+    from selfspec.training.exporter import best_chain
 
     acc = [0.8, 0.6, 0.5, 0.3, 0.1]
 
@@ -351,10 +351,10 @@ def test_export_keeps_the_stored_dtype_and_prints_serve_commands(tmp_path, capsy
     acceptance, and prints the vLLM and SGLang command lines."""
     from safetensors import safe_open
 
-    from selfspec.training.export import stored_dtype
+    from selfspec.training.exporter import stored_dtype
 
     loaded, _ = selfspec.load_target(str(tiny_target_dir(tmp_path / "target")), device="cpu")
-    drafter = randomized(selfspec.new_drafter("eagle3", loaded, fuse_layers=[0, 1, 2]), seed=3, std=0.05)
+    drafter = randomized(selfspec.new_drafter("eagle3", loaded, feature_layers=[0, 1, 2]), seed=3, std=0.05)
     drafter.config.acceptance = [[0.9, 0.05], [0.8, 0.05], [0.2, 0.05]]
     drafter.half().save_pretrained(tmp_path / "d")
     assert stored_dtype(tmp_path / "d") == "float16"

@@ -147,9 +147,9 @@ def test_train_eagle3_end_to_end_and_export(setup, tmp_path):
     )
     model, _ = selfspec.load_target(str(target), device="cpu")
     drafter = selfspec.load_drafter(out, model)
-    assert drafter.kind == "eagle3" and drafter.config.fuse_layers == [2, 1, 0]
+    assert drafter.kind == "eagle3" and drafter.config.feature_layers == [2, 1, 0]
     settings = json.loads((out.parent / "drafter3.work" / "features" / "train" / "features.json").read_text())
-    assert settings["extra_layers"] == [2, 1, 0]  # the fused layers were captured for training
+    assert settings["feature_layers"] == [2, 1, 0]  # the fused layers were captured for training
     assert (
         selfspec.generate(
             model, torch.tensor([[256, 5, 6]]), drafter=drafter, max_new_tokens=5

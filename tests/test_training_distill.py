@@ -8,7 +8,7 @@ import torch
 import selfspec
 from selfspec.sampling import SamplingConfig
 from selfspec.training.data import Example
-from selfspec.training.distill import DistillConfig, distill, generate_batch, prompt_ids, shard_path
+from selfspec.training.distillation import DistillConfig, distill, generate_batch, prompt_ids, shard_path
 from tests.helpers import tiny_target_dir
 
 torch.set_num_threads(1)

@@ -47,12 +47,26 @@ def test_resume_captures_only_what_is_missing(model, tmp_path):
     assert len({s.id for s in load(tmp_path)}) == 6
 
 
-def test_extra_layers_for_fusion(model, tmp_path):
-    capture(model, items(2), tmp_path, FeatureConfig(extra_layers=[0, 1]))
-    s = load(tmp_path, extra_layers=[0, 1])[0]
+def test_feature_layers_for_fusion(model, tmp_path):
+    capture(model, items(2), tmp_path, FeatureConfig(feature_layers=[0, 1]))
+    s = load(tmp_path, feature_layers=[0, 1])[0]
     ref = selfspec.target_features(model, s.ids[None]).layers
     assert len(s.layers) == 2
     torch.testing.assert_close(s.layers[1].float(), ref[1][0], atol=2e-3, rtol=2e-3)
+
+
+def test_cache_written_with_the_old_layer_name_is_reused(model, tmp_path):
+    import json
+
+    capture(model, items(2), tmp_path, FeatureConfig(feature_layers=[1]))
+    path = tmp_path / "features.json"
+    settings = json.loads(path.read_text())
+    settings["extra_layers"] = settings.pop("feature_layers")  # as written before the rename
+    path.write_text(json.dumps(settings))
+    report = capture(model, items(2), tmp_path, FeatureConfig(feature_layers=[1]))
+    assert report.cached_tokens == sum(len(i[1]) for i in items(2))
+    with pytest.raises(ValueError, match="captured with"):
+        capture(model, items(2), tmp_path, FeatureConfig(feature_layers=[0]))
 
 
 def test_other_settings_are_refused(model, tmp_path):

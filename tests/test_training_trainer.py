@@ -9,7 +9,7 @@ import torch
 
 import selfspec
 from selfspec.tracking import Run
-from selfspec.training.calibrate import CalibrationConfig, calibrate
+from selfspec.training.calibration import CalibrationConfig, calibrate
 from selfspec.training.features import Sequence
 from selfspec.training.objectives import Pack, shifted, unroll_mask, unroll_no_grad
 from selfspec.training.trainer import TrainConfig, Trainer, collate, trainable_state
@@ -68,7 +68,7 @@ def peaked():
 @pytest.fixture(scope="module")
 def sequences3(peaked):
     """The peaked target's sequences with the target layers an EAGLE-3 drafter fuses."""
-    return greedy_sequences(peaked, selfspec.new_drafter("eagle3", peaked).config.fuse_layers)
+    return greedy_sequences(peaked, selfspec.new_drafter("eagle3", peaked).config.feature_layers)
 
 
 def config(kind, **kw):
@@ -162,7 +162,7 @@ def test_unrolled_training_matches_inference_drafting(kind):
 
     with torch.inference_mode(), selfspec_attention(model):
         cache = StoreCache(new_store(model, 64))
-        out = target_forward(model, cache, prompt, layers=drafter.feature_layers)
+        out = target_forward(model, cache, prompt, feature_layers=drafter.feature_layers)
         bonus = out.logits[-1].argmax()[None]
         draft = drafter.propose(drafter.begin(64), out.hidden, torch.cat([prompt[1:], bonus]), tree)
     ids = torch.cat([prompt, draft.tokens])  # prompt, bonus, d1, d2, d3
@@ -190,7 +190,7 @@ def test_blockwise_no_grad_unroll_equals_the_one_pass_forward(target, sequences)
     nxt = shifted(pack.tokens, 1)
     inputs, outputs = unroll_no_grad(drafter, pack, pack.hidden.float(), nxt, 3)
     x = drafter.step_input(torch.cat(inputs[:3]), nxt.repeat(3))
-    full = drafter.layer(x, pack.pos.repeat(3), mask=unroll_mask(pack, 3)).view(3, pack.rows, -1)
+    full = drafter.step(x, pack.pos.repeat(3), mask=unroll_mask(pack, 3)).view(3, pack.rows, -1)
     for i in range(3):
         torch.testing.assert_close(full[i], outputs[i], atol=1e-5, rtol=1e-5)
 

@@ -15,12 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from selfspec.options import COMMANDS, UsageError, check_model_arg
-from selfspec.training.calibrate import CalibrationConfig
-from selfspec.training.data import DataConfig
-from selfspec.training.distill import DistillConfig
-from selfspec.training.features import FeatureConfig
+from selfspec.training.config import (
+    ENGINES,
+    EXPORT_FORMATS,
+    CalibrationConfig,
+    DataConfig,
+    DistillConfig,
+    FeatureConfig,
+    RunConfig,
+    Settings,
+    TrainConfig,
+    check_work_dir,
+)
 from selfspec.training.presets import PRESETS, preset
-from selfspec.training.trainer import TrainConfig
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
@@ -42,12 +49,6 @@ FLAG_NAMES = {  # (section, field) -> flag, where the plain field name would be 
     ("calibrate", "top_k"): "tree-top-k",
     ("calibrate", "batch_tokens"): "calibrate-batch-tokens",
 }
-
-
-def _run_config_class():
-    from selfspec.training.pipeline import RunConfig
-
-    return RunConfig
 
 
 def _flag(section: str, name: str) -> str:
@@ -121,7 +122,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "model) or full (GPU); flags you pass override it",
     )
     run = p.add_argument_group("run")
-    _add_fields(run, "run", _run_config_class())
+    _add_fields(run, "run", RunConfig)
     for section, cls in SECTIONS.items():
         _add_fields(p.add_argument_group(section), section, cls)
     p.set_defaults(run=run_train, check=check_train)
@@ -129,7 +130,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def build_settings(args: argparse.Namespace):
     """Settings from preset + flags; ValueError (from the configs' own checks) on bad values."""
-    from selfspec.training.pipeline import RunConfig, Settings
 
     chosen = preset(getattr(args, "preset", None))
     values: dict[str, dict[str, Any]] = {s: dict(chosen.get(s, {})) for s in ("run", *SECTIONS)}
@@ -142,7 +142,6 @@ def build_settings(args: argparse.Namespace):
 
 
 def check_train(args: argparse.Namespace) -> None:
-    from selfspec.training.pipeline import check_work_dir
 
     try:
         settings = build_settings(args)
@@ -179,8 +178,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- export
 def add_export(sub: argparse._SubParsersAction) -> None:
-    from selfspec.training.export import ENGINES, FORMATS
-
     p = sub.add_parser(
         "export",
         help=COMMANDS["export"][2],
@@ -189,7 +186,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "EAGLE3), medusa (medusa drafters; vLLM method=medusa).",
     )
     p.add_argument("--drafter", required=True, help="'default' or a directory written by selfspec train")
-    p.add_argument("--format", required=True, choices=FORMATS, help="checkpoint layout")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="checkpoint layout")
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
     p.add_argument(
         "--engine",
@@ -225,7 +222,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def check_export(args: argparse.Namespace) -> None:
     from selfspec.drafters.base import read_drafter_config
     from selfspec.models import resolve_drafter_dir
-    from selfspec.training.export import check_format
+    from selfspec.training.exporter import check_format
 
     try:
         meta = read_drafter_config(resolve_drafter_dir(args.drafter))
@@ -242,7 +239,7 @@ def check_export(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> int:
     import selfspec
     from selfspec.models import resolve_drafter_dir
-    from selfspec.training.export import MEDUSA_TOKEN_MAP_NOTE, command_lines, export, stored_dtype
+    from selfspec.training.exporter import MEDUSA_TOKEN_MAP_NOTE, command_lines, export, stored_dtype
 
     dtype = args.dtype or stored_dtype(resolve_drafter_dir(args.drafter))
     model, _ = selfspec.load_target(args.model, dtype="float32", device="cpu")  # fp16/bf16 -> fp32 is exact

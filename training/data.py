@@ -13,7 +13,7 @@ from the columns, or named:
 
 Each usable row becomes an ``Example``: the chat messages up to the first assistant reply (an
 optional system message and the first user turn) plus that reply when the row has one. Replies
-are only kept for ``--use-original``: by default the target regenerates them (distill.py).
+are only kept for ``--use-original``: by default the target regenerates them (distillation.py).
 Rows that cannot be used are counted by reason and reported; a source with no usable row is an
 error that names the columns it saw.
 """
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("sharegpt", "openai", "alpaca", "gsm8k", "prompt")
+from selfspec.training.config import FORMATS, DataConfig
+
 ROLES = {
     "human": "user",
     "user": "user",
@@ -69,42 +70,6 @@ class DataReport:
         return f"{self.source} [{self.format}]: {self.used}/{self.rows} rows used" + (
             f" (skipped: {why})" if why else ""
         )
-
-
-@dataclass
-class DataConfig:
-    sources: list[str] = dataclasses.field(
-        default_factory=list,
-        metadata={
-            "help": "local .json/.jsonl/.txt files or Hugging Face dataset names (NAME or NAME:CONFIG)"
-        },
-    )
-    format: str = dataclasses.field(
-        default="auto", metadata={"help": f"row shape: auto or one of {', '.join(FORMATS)}"}
-    )
-    split: str = dataclasses.field(default="train", metadata={"help": "dataset split to read (hub datasets)"})
-    max_per_source: int = dataclasses.field(
-        default=0,
-        metadata={"help": "use at most this many rows of each source (a seeded random sample); 0 = all"},
-    )
-    cache_dir: str | None = dataclasses.field(
-        default=None, metadata={"help": "datasets cache directory (default: the datasets library's own)"}
-    )
-    self_prompts: int = dataclasses.field(
-        default=0,
-        metadata={
-            "help": "also let the target write this many prompts itself, after its chat "
-            "template's user-turn header (Magpie-style; with or without --data)"
-        },
-    )
-
-    def __post_init__(self):
-        if self.format != "auto" and self.format not in FORMATS:
-            raise ValueError(f"unknown data format {self.format!r}; use auto or one of {', '.join(FORMATS)}")
-        if self.max_per_source < 0:
-            raise ValueError(f"max_per_source must be >= 0 (0 = all rows), got {self.max_per_source}")
-        if self.self_prompts < 0:
-            raise ValueError(f"self_prompts must be >= 0 (0 = none), got {self.self_prompts}")
 
 
 # ---------------------------------------------------------------------------------------- shapes

@@ -17,7 +17,6 @@ Shards are written atomically, so an interrupted capture resumes at the next sha
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -31,35 +30,10 @@ from safetensors.torch import save_file
 
 import selfspec
 from selfspec.io import atomic_write_text
+from selfspec.training.config import FeatureConfig
 from selfspec.training.utils import Dist, progress
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SETTINGS = "features.json"
-
-
-@dataclass
-class FeatureConfig:
-    max_tokens: int = dataclasses.field(
-        default=4_000_000,
-        metadata={"help": "stop capturing after this many tokens (bounds the cache on disk)"},
-    )
-    max_seq_len: int = dataclasses.field(default=2048, metadata={"help": "longer sequences are truncated"})
-    batch_tokens: int = dataclasses.field(default=4096, metadata={"help": "padded tokens per target forward"})
-    dtype: str = dataclasses.field(
-        default="float16", metadata={"help": f"storage dtype: {', '.join(DTYPES)}"}
-    )
-    extra_layers: list[int] = dataclasses.field(
-        default_factory=list,
-        metadata={"help": "also store these layers' outputs (0 = embeddings), e.g. for fusion"},
-    )
-    shard_tokens: int = dataclasses.field(default=262_144, metadata={"help": "tokens per shard file"})
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"feature dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_tokens", "max_seq_len", "batch_tokens", "shard_tokens"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"features {name} must be >= 2, got {getattr(self, name)}")
 
 
 @dataclass
@@ -87,7 +61,7 @@ class Sequence:
     ids: torch.Tensor  # [n] int64 tokens
     hidden: torch.Tensor  # [n, H] target last hidden state at each position (storage dtype)
     prompt_len: int  # positions before the response
-    layers: tuple[torch.Tensor, ...] = ()  # [n, H] each, the extra layers in config order
+    layers: tuple[torch.Tensor, ...] = ()  # [n, H] each: the states of the feature_layers asked for, in order
 
 
 # ----------------------------------------------------------------------------------- capture
@@ -115,11 +89,11 @@ def _forward(
     for i, (_, seq, _) in enumerate(batch):  # right padding: causal rows never see the pads
         ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
     feats = selfspec.target_features(model, ids.to(model.device), mask.to(model.device))
-    dtype, out = DTYPES[config.dtype], []
+    dtype, out = getattr(torch, config.dtype), []
     for i, (_, seq, _) in enumerate(batch):
         n = len(seq)
         row = {"ids": torch.tensor(seq, dtype=torch.int32), "hidden": feats.hidden[i, :n].to("cpu", dtype)}
-        for layer in config.extra_layers:
+        for layer in config.feature_layers:
             row[f"layer{layer}"] = feats.layers[layer][i, :n].to("cpu", dtype)
         if not torch.isfinite(row["hidden"]).all():
             raise ValueError(
@@ -204,13 +178,15 @@ def _capture_shard(
 def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Dist) -> None:
     settings = {
         "dtype": config.dtype,
-        "extra_layers": list(config.extra_layers),
+        "feature_layers": list(config.feature_layers),
         "hidden_size": int(model.config.get_text_config().hidden_size),
         "max_seq_len": config.max_seq_len,
     }
     path = directory / SETTINGS
     if path.is_file():
         old = json.loads(path.read_text())
+        if "extra_layers" in old:  # the name before feature_layers; the features are the same
+            old["feature_layers"] = old.pop("extra_layers")
         if old != settings:
             raise ValueError(
                 f"{directory} holds features captured with {old}, not {settings}; "
@@ -238,7 +214,7 @@ def _cached(directory: Path) -> list[tuple[str, int]]:
     return out
 
 
-def load(directory: Path, extra_layers: Iterable[int] = ()) -> list[Sequence]:
+def load(directory: Path, feature_layers: Iterable[int] = ()) -> list[Sequence]:
     """Every cached sequence, in a stable order (shard by shard)."""
     from safetensors.torch import load_file
 
@@ -248,7 +224,7 @@ def load(directory: Path, extra_layers: Iterable[int] = ()) -> list[Sequence]:
         off = t["offsets"].tolist()
         for s, sid in enumerate(ids):
             a, b = off[s], off[s + 1]
-            layers = tuple(t[f"layer{i}"][a:b] for i in extra_layers)
+            layers = tuple(t[f"layer{i}"][a:b] for i in feature_layers)
             sequences.append(
                 Sequence(sid, t["ids"][a:b].long(), t["hidden"][a:b], int(t["prompt_lens"][s]), layers)
             )

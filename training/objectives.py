@@ -28,8 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from selfspec.cache import KVStore
-from selfspec.drafters.base import VocabProjection
+from selfspec.drafters.base import TrainableHeads, TrainableStep, VocabProjection
 
 
 @dataclass(frozen=True)
@@ -93,19 +92,17 @@ def unroll_mask(pack: Pack, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def unroll_no_grad(
-    drafter: nn.Module, pack: Pack, hidden: torch.Tensor, next_tokens: torch.Tensor, steps: int
+    drafter: TrainableStep, pack: Pack, hidden: torch.Tensor, next_tokens: torch.Tensor, steps: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Run the EAGLE layer ``steps`` unrolled steps without gradients, one block at a time through a
     drafter KV store. Returns the input features of steps 0..steps (``[L, H]`` each; step 0 is
     ``hidden``) and the outputs of steps 0..steps-1."""
-    n, c = pack.rows, drafter.config
-    store = KVStore(
-        1, c.num_kv_heads, c.head_dim, max(steps, 1) * n, dtype=hidden.dtype, device=hidden.device
-    )
+    n = pack.rows
+    store = drafter.begin(max(steps, 1) * n)
     inputs, outputs = [hidden], []  # hidden: the root step's state (EAGLE-3: already lifted by fc)
     for i in range(steps):
         x = drafter.step_input(inputs[i], next_tokens)
-        out = drafter.layer(x, pack.pos, store, offset=i * n, mask=unroll_rows(pack, i, i + 1))  # [L, H]
+        out = drafter.step(x, pack.pos, store, offset=i * n, mask=unroll_rows(pack, i, i + 1))  # [L, H]
         prev = torch.cat(
             [out.new_zeros(1, out.shape[1]), out[:-1]]
         )  # row t <- the prediction made at row t-1
@@ -128,14 +125,14 @@ def draft_labels(tokens: torch.Tensor, target_to_draft: torch.Tensor | None) -> 
 
 
 class MedusaObjective(nn.Module):
-    def __init__(self, drafter: nn.Module, decay: float, target_to_draft: torch.Tensor | None):
+    def __init__(self, drafter: TrainableHeads, decay: float, target_to_draft: torch.Tensor | None):
         super().__init__()
         self.drafter, self.decay = drafter, decay
         self.register_buffer("t2d", target_to_draft, persistent=False)
 
     def forward(self, pack: Pack) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d = self.drafter
-        heads = d.head_hidden(pack.hidden.to(next(d.parameters()).dtype))  # [L, K, H]
+        heads = d.depth_states(pack.hidden.to(next(d.parameters()).dtype))  # [L, K, H]
         loss, total, metrics = 0.0, 0.0, {}
         for k in range(heads.shape[1]):
             ahead = 2 + k
@@ -156,7 +153,7 @@ class MedusaObjective(nn.Module):
 class EagleObjective(nn.Module):
     def __init__(
         self,
-        drafter: nn.Module,
+        drafter: TrainableStep,
         readout: TargetReadout,
         unroll: int,
         feature_weight: float,
@@ -184,7 +181,7 @@ class EagleObjective(nn.Module):
         inputs, _ = unroll_no_grad(d, pack, root.detach(), next_tokens, k - 1)
         inputs[0] = root
         x = d.step_input(torch.cat(inputs), next_tokens.repeat(k))
-        out = d.layer(x, pack.pos.repeat(k), mask=unroll_mask(pack, k)).view(k, n, -1)  # [k, L, H]
+        out = d.step(x, pack.pos.repeat(k), mask=unroll_mask(pack, k)).view(k, n, -1)  # [k, L, H]
         has_next = pack.pos + 1 < pack.length
         in_reply = (pack.pos + 2 >= pack.prompt_len) | self.loss_on_prompt
         loss, total, metrics = 0.0, 0.0, {}

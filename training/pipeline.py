@@ -15,89 +15,24 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import selfspec
-from selfspec.drafters import default_fuse_layers
+from selfspec.drafters import default_feature_layers
 from selfspec.io import atomic_write_text, replacing
 from selfspec.training import features as feats
-from selfspec.training.calibrate import CalibrationConfig, calibrate
-from selfspec.training.data import DataConfig, load_all, split_held_out
-from selfspec.training.distill import DistillConfig, distill, sequences
-from selfspec.training.features import FeatureConfig
+from selfspec.training.calibration import calibrate
+from selfspec.training.config import (
+    Settings,
+)
+from selfspec.training.data import load_all, split_held_out
+from selfspec.training.distillation import distill, sequences
 from selfspec.training.self_prompts import write_prompts
-from selfspec.training.trainer import TrainConfig, Trainer, measure_tau
+from selfspec.training.trainer import Trainer, measure_tau
 from selfspec.training.utils import Dist
-
-SAVE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-@dataclass
-class RunConfig:
-    out: str = dataclasses.field(default="", metadata={"help": "directory the trained drafter is saved to"})
-    work_dir: str = dataclasses.field(
-        default="", metadata={"help": "caches and checkpoints (default: OUT.work)"}
-    )
-    model: str = dataclasses.field(
-        default="default", metadata={"help": "target model: default, hub id, dir, .gguf"}
-    )
-    dtype: str | None = dataclasses.field(
-        default=None, metadata={"help": "target dtype (default: fp32 CPU, bf16 CUDA)"}
-    )
-    held_out: int = dataclasses.field(
-        default=24, metadata={"help": "examples kept out of training (calibration, tau)"}
-    )
-    save_dtype: str = dataclasses.field(
-        default="float16", metadata={"help": f"stored weight dtype: {', '.join(SAVE_DTYPES)}"}
-    )
-    wandb: str = dataclasses.field(
-        default="offline", metadata={"help": "W&B mode: offline, online, disabled"}
-    )
-    wandb_project: str = dataclasses.field(default="selfspec", metadata={"help": "W&B project"})
-    resume: bool = dataclasses.field(
-        default=False, metadata={"help": "continue an interrupted run in WORK_DIR"}
-    )
-    overwrite: bool = dataclasses.field(
-        default=False, metadata={"help": "delete WORK_DIR's caches and start over"}
-    )
-
-    def __post_init__(self):
-        if not self.out:
-            raise ValueError("--out is required: the directory the trained drafter is written to")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        if self.held_out < 1:
-            raise ValueError(f"held_out must be >= 1 (calibration needs held-out data), got {self.held_out}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other; pick one")
-        self.work_dir = self.work_dir or f"{self.out.rstrip('/')}.work"
-
-
-@dataclass
-class Settings:
-    run: RunConfig
-    data: DataConfig
-    distill: DistillConfig
-    features: FeatureConfig
-    train: TrainConfig
-    calibrate: CalibrationConfig
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-def check_work_dir(run: RunConfig) -> None:
-    """A work dir with checkpoints needs --resume or --overwrite (never a silent restart)."""
-    latest = Path(run.work_dir) / "checkpoints" / "latest"
-    if latest.is_file() and not (run.resume or run.overwrite):
-        raise ValueError(
-            f"{run.work_dir} holds a training run ({latest.read_text().strip()}); "
-            "pass --resume to continue it or --overwrite to start over"
-        )
 
 
 def save_drafter(drafter: selfspec.Drafter, out: Path, dtype: str) -> Path:
@@ -122,11 +57,11 @@ def _say(dist: Dist, text: str) -> None:
         print(f"[train] {text}", flush=True)
 
 
-def fused_layers(kind: str, model: Any) -> list[int]:
+def drafter_feature_layers(kind: str, model: Any) -> list[int]:
     """The target layers (hidden_states indices) a drafter of ``kind`` fuses; [] = the last state only."""
     if kind != "eagle3":
         return []
-    return default_fuse_layers(model.config.get_text_config().num_hidden_layers)
+    return default_feature_layers(model.config.get_text_config().num_hidden_layers)
 
 
 def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist) -> dict[str, Any]:
@@ -151,9 +86,9 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
     _say(dist, dreport.summary())
     held_ids = {e.id for e in held_ex}
     items = list(sequences(records))
-    fused = fused_layers(s.train.kind, model)  # EAGLE-3 reads these target layers as well
+    fused = drafter_feature_layers(s.train.kind, model)  # EAGLE-3 reads these target layers as well
     fconfig = dataclasses.replace(
-        s.features, extra_layers=list(dict.fromkeys([*s.features.extra_layers, *fused]))
+        s.features, feature_layers=list(dict.fromkeys([*s.features.feature_layers, *fused]))
     )
     freport = feats.capture(
         model, [i for i in items if i[0] not in held_ids], work / "features" / "train", fconfig, dist

@@ -29,7 +29,7 @@ import torch
 from selfspec.decoding import eos_ids
 from selfspec.sampling import SamplingConfig
 from selfspec.training.data import DataReport, Example
-from selfspec.training.distill import check_manifest, generate_batch, read_responses
+from selfspec.training.distillation import check_manifest, generate_batch, read_responses
 from selfspec.training.utils import Dist, progress
 
 SOURCE = "self"  # example ids are "self:<n>"

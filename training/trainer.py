@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 import selfspec
-from selfspec.drafters import KINDS
+from selfspec.drafters import TrainableHeads, TrainableStep
 from selfspec.io import atomic_torch_save, atomic_write_text
 from selfspec.tracking import Run
+from selfspec.training.config import TrainConfig
 from selfspec.training.features import Sequence
 from selfspec.training.objectives import EagleObjective, MedusaObjective, Pack, TargetReadout
 from selfspec.training.utils import (
@@ -39,122 +40,6 @@ from selfspec.training.utils import (
     rng_state,
     set_rng_state,
 )
-
-
-@dataclass
-class TrainConfig:
-    kind: str = dataclasses.field(
-        default="eagle", metadata={"help": f"drafter kind: {', '.join(sorted(KINDS))}"}
-    )
-    steps: int = dataclasses.field(default=2000, metadata={"help": "optimizer steps"})
-    batch_tokens: int = dataclasses.field(
-        default=2048, metadata={"help": "rows per micro-batch (sequences packed)"}
-    )
-    grad_accum: int = dataclasses.field(
-        default=1, metadata={"help": "micro-batches per optimizer step and process"}
-    )
-    lr: float = dataclasses.field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
-    min_lr_ratio: float = dataclasses.field(default=0.1, metadata={"help": "cosine decay ends at lr * this"})
-    warmup_steps: int = dataclasses.field(default=50, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = dataclasses.field(
-        default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"}
-    )
-    seed: int = dataclasses.field(
-        default=0, metadata={"help": "seed of initialisation, data order and noise"}
-    )
-    medusa_heads: int = dataclasses.field(default=4, metadata={"help": "Medusa: heads (tree depth)"})
-    medusa_layers: int = dataclasses.field(default=1, metadata={"help": "Medusa: residual blocks per head"})
-    head_decay: float = dataclasses.field(
-        default=0.8, metadata={"help": "Medusa: head k's loss weight is decay**k"}
-    )
-    unroll: int = dataclasses.field(
-        default=2, metadata={"help": "EAGLE: training-time-test steps (1 = teacher forcing)"}
-    )
-    step_decay: float = dataclasses.field(
-        default=0.8, metadata={"help": "EAGLE: unrolled step i's loss weight is decay**i"}
-    )
-    feature_weight: float = dataclasses.field(
-        default=1.0, metadata={"help": "EAGLE: weight of the feature regression"}
-    )
-    token_weight: float = dataclasses.field(
-        default=0.1, metadata={"help": "EAGLE: weight of the soft token loss"}
-    )
-    noise: float = dataclasses.field(
-        default=0.1, metadata={"help": "EAGLE: uniform noise on input features, as a fraction of their RMS"}
-    )
-    draft_vocab_size: int = dataclasses.field(
-        default=0,
-        metadata={"help": "score only the N most frequent target tokens of the data (0 = full vocabulary)"},
-    )
-    lora_rank: int = dataclasses.field(
-        default=0, metadata={"help": "LoRA rank on the vocabulary read-out (0 = none)"}
-    )
-    lora_alpha: float = dataclasses.field(default=16.0, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = dataclasses.field(default=0.0, metadata={"help": "LoRA dropout"})
-    loss_on_prompt: bool = dataclasses.field(
-        default=False, metadata={"help": "also learn to predict prompt tokens"}
-    )
-    log_every: int = dataclasses.field(default=10, metadata={"help": "steps between logged metrics"})
-    eval_every: int = dataclasses.field(
-        default=0, metadata={"help": "steps between tau measurements (0 = end only)"}
-    )
-    tau_prompts: int = dataclasses.field(default=3, metadata={"help": "held-out prompts per tau measurement"})
-    tau_new_tokens: int = dataclasses.field(default=64, metadata={"help": "tokens generated per tau prompt"})
-    checkpoint_every: int = dataclasses.field(default=100, metadata={"help": "steps between checkpoints"})
-    keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "newest checkpoints kept"})
-    max_param_fraction: float = dataclasses.field(
-        default=0.05,
-        metadata={
-            "help": "refuse drafters owning more than this fraction of the target's parameters (0 = off)"
-        },
-    )
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown drafter kind {self.kind!r}; choose one of {', '.join(sorted(KINDS))}")
-        positive = (
-            "steps",
-            "batch_tokens",
-            "grad_accum",
-            "medusa_heads",
-            "medusa_layers",
-            "unroll",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "tau_new_tokens",
-        )
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "draft_vocab_size", "lora_rank", "tau_prompts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        for name in ("min_lr_ratio", "head_decay", "step_decay"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in (
-            "weight_decay",
-            "grad_clip",
-            "feature_weight",
-            "token_weight",
-            "noise",
-            "lora_dropout",
-            "max_param_fraction",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.feature_weight == 0 and self.token_weight == 0:
-            raise ValueError("feature_weight and token_weight are both 0: nothing to learn")
-
-    def drafter_options(self) -> dict[str, Any]:
-        base = {"draft_vocab_size": self.draft_vocab_size}
-        if self.kind == "medusa":
-            return {**base, "num_heads": self.medusa_heads, "num_layers": self.medusa_layers}
-        return base
 
 
 @dataclass
@@ -344,12 +229,17 @@ class Trainer:
 
     def _objective(self) -> nn.Module:
         c, d = self.config, self.drafter
-        if c.kind == "medusa":
+        if isinstance(d, TrainableHeads):
             t2d = None
             if d.draft_ids is not None:
                 t2d = torch.full((d.config.vocab_size,), -100, dtype=torch.long, device=d.draft_ids.device)
                 t2d[d.draft_ids] = torch.arange(d.draft_ids.numel(), device=t2d.device)
             return MedusaObjective(d, c.head_decay, t2d)
+        if not isinstance(d, TrainableStep):
+            raise TypeError(
+                f"a {d.kind} drafter offers neither training protocol (selfspec.drafters.TrainableHeads "
+                "or TrainableStep); implement one to train it"
+            )
         readout = TargetReadout(self.model.get_output_embeddings(), d.draft_ids)
         return EagleObjective(
             d, readout, c.unroll, c.feature_weight, c.token_weight, c.step_decay, c.loss_on_prompt

@@ -1,17 +1,19 @@
 """Drafter kinds: Medusa-style parallel heads, the EAGLE-style feature-level drafter and its
 EAGLE-3 layout (fused target layers)."""
 
-from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
+from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules, TrainableHeads, TrainableStep
 from selfspec.drafters.eagle import (
     Eagle3Config,
     Eagle3Drafter,
     EagleConfig,
     EagleDrafter,
-    default_fuse_layers,
+    default_feature_layers,
 )
 from selfspec.drafters.medusa import MedusaConfig, MedusaDrafter
+from selfspec.options import DRAFTER_KINDS
 
-KINDS: dict[str, type[Drafter]] = {cls.kind: cls for cls in (MedusaDrafter, EagleDrafter, Eagle3Drafter)}
+_CLASSES = {cls.kind: cls for cls in (MedusaDrafter, EagleDrafter, Eagle3Drafter)}
+KINDS: dict[str, type[Drafter]] = {name: _CLASSES[name] for name in DRAFTER_KINDS}
 
 __all__ = [
     "KINDS",
@@ -25,5 +27,7 @@ __all__ = [
     "MedusaConfig",
     "MedusaDrafter",
     "SharedModules",
-    "default_fuse_layers",
+    "TrainableHeads",
+    "TrainableStep",
+    "default_feature_layers",
 ]

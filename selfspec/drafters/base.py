@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError
@@ -43,6 +43,8 @@ from selfspec.io import replace_dir, temp_dir_beside
 from selfspec.tree import TreeBuffers, build_tree
 
 FORMAT_VERSION = 1
+# Config keys renamed since format 1 was first written (old -> new); files with the old name load.
+RENAMED_KEYS = {"fuse_layers": "feature_layers"}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's file name; its presence means a LoRA read-out
@@ -302,6 +304,55 @@ class Drafter(nn.Module):
         return directory
 
 
+# --------------------------------------------------------------------------- training protocol
+# What training and calibration (selfspec.training) may call on a drafter, beside the Drafter
+# base's read-out (``draft_logits``, ``lm_head``, ``draft_ids``, ``set_draft_vocab``,
+# ``add_vocab_lora``), ``feature_layers``, ``kind`` and ``config``. A new kind is trainable by
+# offering one of these; nothing else of its module layout is read outside the drafter (the
+# exporter maps weights, so it reads the modules it writes).
+@runtime_checkable
+class TrainableHeads(Protocol):
+    """A drafter that predicts every depth from one target state (Medusa): trained by scoring
+    depth k's state against the token k+2 ahead."""
+
+    def depth_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] target states -> [N, K, H], one state per depth, read by ``draft_logits``."""
+        ...
+
+
+@runtime_checkable
+class TrainableStep(Protocol):
+    """A drafter that takes one autoregressive step per depth over its own KV cache (EAGLE kinds):
+    trained unrolled (training-time test), one ``step`` over all unrolled rows."""
+
+    regresses_features: bool  # True: the step's output is also regressed on the target's next state
+
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, F] target features (``feature_layers`` concatenated) -> [N, H] root-step state."""
+        ...
+
+    def step_input(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, H] state (lifted or predicted) + [N] next tokens -> the step's input rows."""
+        ...
+
+    def step(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        store: Any = None,
+        offset: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One draft step over rows ``x`` at ``positions``: [N, H] predicted states. ``store`` (from
+        ``begin``) holds earlier rows' K/V, written at ``offset`` past its committed length;
+        ``mask`` [N, length + offset + N] says which of those rows and of ``x`` each row sees."""
+        ...
+
+    def begin(self, max_len: int) -> Any:
+        """A fresh KV store for ``step`` holding up to ``max_len`` rows."""
+        ...
+
+
 def read_drafter_config(directory: Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a saved drafter, with errors that say what to fix."""
     if not directory.is_dir():
@@ -323,6 +374,9 @@ def read_drafter_config(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{path} has no 'kind' field; it is not a selfspec drafter config")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {meta['format_version']}; upgrade selfspec to load it")
+    for old, new in RENAMED_KEYS.items():
+        if old in meta and new not in meta:
+            meta[new] = meta.pop(old)
     return meta
 
 

@@ -69,7 +69,7 @@ class EagleConfig(DrafterConfig):
             )
 
 
-def default_fuse_layers(num_layers: int) -> list[int]:
+def default_feature_layers(num_layers: int) -> list[int]:
     """EAGLE-3's low, middle and high target layers, as the serving engines pick them by default
     (vLLM/SGLang aux hidden-state ids 2, L // 2, L - 3: the input to that layer, which is
     transformers' ``hidden_states[i]``)."""
@@ -78,7 +78,7 @@ def default_fuse_layers(num_layers: int) -> list[int]:
 
 @dataclass
 class Eagle3Config(EagleConfig):
-    fuse_layers: list[int] = dataclasses.field(
+    feature_layers: list[int] = dataclasses.field(
         default_factory=list,
         metadata={
             "help": "target hidden states fused at the root (indices into hidden_states: 0 = embeddings, "
@@ -88,9 +88,9 @@ class Eagle3Config(EagleConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.fuse_layers:
-            raise ValueError("fuse_layers must name at least one target layer (EAGLE-3 uses three)")
-        self.fuse_layers = [int(i) for i in self.fuse_layers]
+        if not self.feature_layers:
+            raise ValueError("feature_layers must name at least one target layer (EAGLE-3 uses three)")
+        self.feature_layers = [int(i) for i in self.feature_layers]
 
 
 class RMSNorm(nn.Module):
@@ -218,17 +218,28 @@ class EagleDrafter(Drafter):
             torch.cat([hidden.to(self.fc.weight.dtype), self.embed(tokens).to(self.fc.weight.dtype)], -1)
         )
 
+    def step(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        store: KVStore | None = None,
+        offset: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One draft step (the decoder layer) over input rows ``x``: see ``TrainableStep.step``."""
+        return self.layer(x, positions, store, offset=offset, mask=mask)
+
     def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced features for a whole sequence (training): [N, H], [N] -> [N, H]."""
         positions = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.layer(self.step_input(self.lift(hidden), next_tokens), positions)
+        return self.step(self.step_input(self.lift(hidden), next_tokens), positions)
 
     def propose(
         self, state: KVStore, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers | DynamicTree
     ) -> Draft:
         n = hidden.shape[0]
         positions = torch.arange(state.length, state.length + n, device=hidden.device)
-        feats = self.layer(self.step_input(self.lift(hidden), next_tokens), positions, state)  # [n, H]
+        feats = self.step(self.step_input(self.lift(hidden), next_tokens), positions, state)  # [n, H]
         state.commit(torch.arange(n))
         if isinstance(tree, DynamicTree):
             return self._draft_dynamic(state, feats[-1], next_tokens[-1], tree)
@@ -265,7 +276,7 @@ class EagleDrafter(Drafter):
                 )
                 x = self.step_input(feats[parents], tokens[lo:hi])
                 pos = torch.full((hi - lo,), base + d, device=x.device)
-                feats[lo:hi] = self.layer(x, pos, state, offset=lo - 1, mask=mask)
+                feats[lo:hi] = self.step(x, pos, state, offset=lo - 1, mask=mask)
         return Draft(tree=tree, tokens=tokens)
 
 
@@ -281,14 +292,14 @@ class Eagle3Drafter(EagleDrafter):
 
     @property
     def fc_inputs(self) -> int:
-        return len(self.config.fuse_layers)  # fc(concat of the fused target layers)
+        return len(self.config.feature_layers)  # fc(concat of the fused target layers)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
-        return tuple(self.config.fuse_layers)
+        return tuple(self.config.feature_layers)
 
     def lift(self, features: torch.Tensor) -> torch.Tensor:
-        """[N, len(fuse_layers) * H] fused target layers -> [N, H] state g."""
+        """[N, len(feature_layers) * H] fused target layers -> [N, H] state g."""
         return self.fc(features.to(self.fc.weight.dtype))
 
     def step_input(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -334,5 +345,5 @@ class _DynamicExpander:
         mask = torch.cat([self.anc.new_ones(f, self.state.length), self.anc[frontier, :width]], 1)
         x = self.d.step_input(self.feats[parents], pool.tokens[frontier])
         pos = torch.full((f,), self.base + level, device=x.device)
-        self.feats[frontier] = self.d.layer(x, pos, self.state, offset=self.rows, mask=mask)
+        self.feats[frontier] = self.d.step(x, pos, self.state, offset=self.rows, mask=mask)
         self.rows = width

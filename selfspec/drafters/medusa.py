@@ -73,7 +73,7 @@ class MedusaDrafter(Drafter):
         prior = prior_acceptance(self.config.num_heads, top_k=8, first=0.6, decay=0.7)
         return tree_from_acceptance(prior, self.config.tree_nodes).paths()
 
-    def head_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+    def depth_states(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, K, H]: each head's transformed state (read with the shared lm_head)."""
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
@@ -85,7 +85,7 @@ class MedusaDrafter(Drafter):
         if tree.max_depth > len(self.heads):
             raise ValueError(f"tree depth {tree.max_depth} exceeds the {len(self.heads)} Medusa heads")
         depth = max(tree.max_depth, 1)
-        top = self.top_candidates(self.head_hidden(hidden[-1:])[0, :depth], tree.size)[1]  # [D, T] token ids
+        top = self.top_candidates(self.depth_states(hidden[-1:])[0, :depth], tree.size)[1]  # [D, T] token ids
         tokens = top[(tree.depths - 1).clamp(min=0), tree.ranks.clamp(min=0)]  # [T]
         tokens[0] = next_tokens[-1]
         return Draft(tree=tree, tokens=tokens)
@@ -94,7 +94,7 @@ class MedusaDrafter(Drafter):
         """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a depth)."""
         depth = min(spec.depth, len(self.heads))
         logprobs, ids = self.top_candidates(
-            self.head_hidden(hidden[-1:])[0, :depth], spec.top_k
+            self.depth_states(hidden[-1:])[0, :depth], spec.top_k
         )  # [D, K] each
         tree, tokens = grow_tree(
             next_tokens[-1], medusa_proposer(logprobs, ids), depth, spec.expand, spec.budget

@@ -49,9 +49,9 @@ from safetensors.torch import save_file
 
 from selfspec.drafters.base import VocabProjection
 from selfspec.io import replace_dir, temp_dir_beside
+from selfspec.training.config import ENGINES
+from selfspec.training.config import EXPORT_FORMATS as FORMATS
 
-FORMATS = ("eagle", "eagle3", "medusa")
-ENGINES = ("vllm", "sglang")
 EAGLE_ARCHITECTURE = {"vllm": "LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle"}
 EAGLE3_REFUSAL = (
     "this drafter is kind eagle (EAGLE-1 layer: it normalizes fc([h; e]) as one vector), but the EAGLE-3 layout "
@@ -195,10 +195,10 @@ def eagle_tensors(drafter: Any, model: Any, engine: str) -> tuple[dict[str, Any]
 
 def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     c, layer = drafter.config, drafter.layer
-    if len(c.fuse_layers) != 3:
+    if len(c.feature_layers) != 3:
         raise ValueError(
             f"the EAGLE-3 layout fuses exactly 3 target layers (fc is 3H wide); this drafter fuses "
-            f"{len(c.fuse_layers)} ({c.fuse_layers})"
+            f"{len(c.feature_layers)} ({c.feature_layers})"
         )
     if getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise ValueError("the target's lm_head has a bias, which the EAGLE-3 lm_head cannot hold")
@@ -233,7 +233,7 @@ def eagle3_tensors(drafter: Any, model: Any) -> tuple[dict[str, Any], dict[str, 
     for name, module in names.items():
         tensors[f"midlayer.{name}.weight"] = module.weight.detach()
     target = model.config.get_text_config()
-    aux = [int(i) for i in c.fuse_layers]
+    aux = [int(i) for i in c.feature_layers]
     config = {
         "architectures": ["LlamaForCausalLMEagle3"],
         **llama_layer_config(c, target, layers=1, vocab=vocab),

@@ -34,34 +34,11 @@ from selfspec.decoding import eos_ids
 from selfspec.hf import cache_argument
 from selfspec.io import atomic_write_text
 from selfspec.sampling import SamplingConfig, sample_tokens, warp_logits
+from selfspec.training.config import DistillConfig
 from selfspec.training.data import Example
 from selfspec.training.utils import Dist, progress
 
 MANIFEST = "distill.json"
-
-
-@dataclass
-class DistillConfig:
-    max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "longest response generated"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "prompts decoded together"})
-    temperature: float = dataclasses.field(
-        default=0.0, metadata={"help": "0 = greedy responses; > 0 samples"}
-    )
-    top_p: float = dataclasses.field(default=1.0, metadata={"help": "nucleus filter when sampling"})
-    max_prompt_tokens: int = dataclasses.field(
-        default=1024, metadata={"help": "longer prompts are skipped (counted)"}
-    )
-    use_original: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "train on the dataset's own replies instead of the target's (not recommended)"},
-    )
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of sampled responses (per batch)"})
-
-    def __post_init__(self):
-        for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"distill {name} must be >= 1, got {getattr(self, name)}")
-        SamplingConfig(temperature=self.temperature, top_p=self.top_p)  # same checks and messages
 
 
 @dataclass

@@ -10,33 +10,16 @@ in the drafter config (``config.tree``) so ``generate`` uses it by default.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 import selfspec
+from selfspec.training.config import CalibrationConfig
 from selfspec.training.features import Sequence
 from selfspec.training.objectives import Pack, TargetReadout, shifted, unroll_no_grad
 from selfspec.training.trainer import PackSchedule, collate, deployable_copy
 from selfspec.tree import expected_tau, tree_from_acceptance
-
-
-@dataclass
-class CalibrationConfig:
-    tree_nodes: int = dataclasses.field(
-        default=24, metadata={"help": "node budget of the static tree, root included"}
-    )
-    depth: int = dataclasses.field(
-        default=6, metadata={"help": "deepest level measured (Medusa: at most its heads)"}
-    )
-    top_k: int = dataclasses.field(default=8, metadata={"help": "candidate ranks measured per level"})
-    batch_tokens: int = dataclasses.field(default=2048, metadata={"help": "rows per measuring batch"})
-
-    def __post_init__(self):
-        for name in ("tree_nodes", "depth", "top_k", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -79,7 +62,7 @@ def _eagle_ranks(drafter, readout: TargetReadout, pack: Pack, depth: int, top_k:
 
 @torch.no_grad()
 def _medusa_ranks(drafter, pack: Pack, depth: int, top_k: int) -> list[torch.Tensor]:
-    heads = drafter.head_hidden(pack.hidden.to(next(drafter.parameters()).dtype))  # [L, K, H]
+    heads = drafter.depth_states(pack.hidden.to(next(drafter.parameters()).dtype))  # [L, K, H]
     ranks = []
     for k in range(depth):
         valid = (pack.pos + 2 + k < pack.length) & (pack.pos + 2 + k >= pack.prompt_len)
@@ -93,7 +76,7 @@ def measure_acceptance(
     drafter: selfspec.Drafter, model, sequences: list[Sequence], config: CalibrationConfig
 ) -> tuple[torch.Tensor, list[int]]:
     """``acceptance [D, K]`` and the positions measured at each depth, on held-out ``sequences``."""
-    depth = min(config.depth, len(drafter.heads)) if drafter.kind == "medusa" else config.depth
+    depth = min(config.depth, drafter.config.num_heads) if drafter.kind == "medusa" else config.depth
     counts = torch.zeros(depth, config.top_k + 1, dtype=torch.float64)  # last column: not in the top-k
     readout = TargetReadout(model.get_output_embeddings(), drafter.draft_ids)
     schedule = PackSchedule(sequences, config.batch_tokens, seed=0)
