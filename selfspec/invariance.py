@@ -49,13 +49,18 @@ from torch.overrides import TorchFunctionMode
 
 from selfspec.kernels import cpu_linear
 
-PROBE_ROWS = (2, 3, 4, 8, 16, 32, 64)  # row counts a verify forward may use (tree sizes)
+PROBE_ROWS = (2, 3, 4, 5, 7, 8, 12, 16, 24, 32, 64)  # row counts a verify forward may use (tree sizes)
 PROBE_OUTPUTS = 8192  # outputs compared per row count at least: a K-blocking difference flips the
 # last bit of ~1 output in 1000 (measured: 2-3 of 16 rows of 576 outputs), so this finds it surely
 # K-block sizes tried for the blocked kernel, likeliest first
 KERNEL_BLOCKS = (512, 256, 1024, 128, 2048, 4096)
 _PROBED: dict[tuple, bool] = {}  # (N, K, bias, dtype, device type, threads) -> row-invariant
 _BLOCKS: dict[tuple, int | None] = {}  # same key -> kernel block size reproducing one-row calls, or None
+_TRANSPOSED: dict[tuple, bool] = {}  # same key -> (W @ x.T).T reproduces one-row calls
+# Plan of a layer that is not row-invariant: TRANSPOSED (one library call with the operands'
+# roles swapped), an int (the blocked kernel's K-block), or None (one library call per row).
+TRANSPOSED = "transposed"
+Plan = int | str | None
 
 
 def _probe_data(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device):
@@ -108,6 +113,35 @@ def kernel_block(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.d
     return _BLOCKS[key]
 
 
+def transposed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of rows x [M, K] computed as ``(W @ x.T).T``: W is the GEMM's left operand, so the
+    library blocks the reduction for W's N rows, whatever M is. Where that order equals the one-row
+    call's (measured by ``transposed_matches``), every row gets its one-row bits in one call."""
+    out = w @ x.T if b is None else torch.addmm(b[:, None], w, x.T)
+    return out.T.contiguous()
+
+
+def transposed_matches(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> bool:
+    """True when ``transposed_linear`` gives every probed row bitwise the library's one-row result for
+    this shape (seen on an Intel Xeon with AMX, torch 2.13, where the plain multi-row call and the
+    blocked kernel do not). Cached like ``row_invariant``."""
+    key = _key(n, k, bias, dtype, device)
+    if key not in _TRANSPOSED:
+        with torch.inference_mode():
+            w, b, cases = _probe_data(n, k, bias, dtype, device)
+            _TRANSPOSED[key] = all(torch.equal(transposed_linear(x, w, b), one) for x, one in cases)
+    return _TRANSPOSED[key]
+
+
+def plan_for(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> Plan:
+    """How a layer of this shape that is not row-invariant computes several rows exactly here:
+    TRANSPOSED where that single library call matches, else the blocked kernel's block size where
+    one matches, else None (one call per row)."""
+    if transposed_matches(n, k, bias, dtype, device):
+        return TRANSPOSED
+    return kernel_block(n, k, bias, dtype, device)
+
+
 def _variant_layers(model: nn.Module):
     """The model's CPU linear layers that are not row-invariant here, with their probe arguments
     (probed once per distinct shape; a few ms each). CUDA is not probed: verification there runs
@@ -125,10 +159,9 @@ def variant_linear_shapes(model: nn.Module) -> frozenset[tuple[int, int]]:
     return frozenset(args[:2] for _, args in _variant_layers(model))
 
 
-def linear_plans(model: nn.Module) -> dict[nn.Linear, int | None]:
-    """For each linear layer of ``model`` that is not row-invariant here: the blocked kernel's block
-    size that reproduces its one-row calls, or None for one library call per row."""
-    return {module: kernel_block(*args) for module, args in _variant_layers(model)}
+def linear_plans(model: nn.Module) -> dict[nn.Linear, Plan]:
+    """For each linear layer of ``model`` that is not row-invariant here, its ``plan_for``."""
+    return {module: plan_for(*args) for module, args in _variant_layers(model)}
 
 
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (weight, version, packed)
@@ -146,10 +179,11 @@ def _packed(layer: nn.Linear) -> torch.Tensor:
 
 class RowExactLinear(TorchFunctionMode):
     """Inside the mode, ``F.linear`` over several rows with the weight of one of the ``plans``'
-    layers gives every row its one-row result: through the blocked kernel with the planned block
-    size, or one call per row where the plan is None. Every other call passes through unchanged."""
+    layers gives every row its one-row result: as one transposed call, through the blocked kernel
+    with the planned block size, or one call per row where the plan is None. Every other call
+    passes through unchanged."""
 
-    def __init__(self, plans: dict[nn.Linear, int | None]):
+    def __init__(self, plans: dict[nn.Linear, Plan]):
         super().__init__()
         # Keyed by identity (a tensor's == is elementwise); the layers hold their weights alive.
         self._by_weight = {id(m.weight): (m.weight, block, m) for m, block in plans.items()}
@@ -161,17 +195,22 @@ class RowExactLinear(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             planned = self._by_weight.get(id(w))
             if planned is not None and planned[0] is w and x.numel() > x.shape[-1]:
-                block = planned[1]
-                if block is not None and x.dtype == torch.bfloat16:
-                    return cpu_linear.blocked_linear(x, _packed(planned[2]), w.shape[0], block, b)
-                rows = x.reshape(-1, x.shape[-1])
-                out = torch.cat([F.linear(rows[i : i + 1], w, b) for i in range(rows.shape[0])])
+                plan, rows = planned[1], x.reshape(-1, x.shape[-1])
+                if plan == TRANSPOSED:  # in chunks of row counts the probe covered
+                    top = PROBE_ROWS[-1]
+                    out = torch.cat(
+                        [transposed_linear(rows[i : i + top], w, b) for i in range(0, rows.shape[0], top)]
+                    )
+                elif plan is not None and x.dtype == torch.bfloat16:
+                    return cpu_linear.blocked_linear(x, _packed(planned[2]), w.shape[0], plan, b)
+                else:
+                    out = torch.cat([F.linear(rows[i : i + 1], w, b) for i in range(rows.shape[0])])
                 return out.view(*x.shape[:-1], w.shape[0])
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def row_exact_scope(plans: dict[nn.Linear, int | None]):
+def row_exact_scope(plans: dict[nn.Linear, Plan]):
     """While open, each planned linear layer computes its forward inside ``RowExactLinear`` (entered
     by a forward pre-hook, left by a forward hook), so only those layers pay for a Python mode.
     Hooks are removed, and a mode left open by an exception is closed, on the way out."""

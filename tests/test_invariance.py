@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from selfspec.invariance import kernel_block, row_exact_scope, row_invariant, variant_linear_shapes
+from selfspec import hf
+from selfspec.invariance import (
+    TRANSPOSED,
+    kernel_block,
+    plan_for,
+    row_exact_scope,
+    row_invariant,
+    transposed_matches,
+    variant_linear_shapes,
+)
 from selfspec.kernels import cpu_linear
 from selfspec.tree import build_tree, chain, tree_from_parents
 from tests.helpers import node_mismatches
@@ -70,18 +79,21 @@ def test_fp64_exact_and_batched_agree_on_tokens(tiny_models, arch):
 
 
 def _plans_for(layer, dtype):
-    """The plans row_exact would use for ``layer``: the kernel's measured block, or None."""
-    n, k = layer.weight.shape
-    block = kernel_block(n, k, layer.bias is not None, dtype, layer.weight.device)
-    return [None] + ([block] if block is not None else [])
+    """Every plan row_exact may use for ``layer`` here: one call per row (None), the transposed
+    call where it matches, the kernel's measured block where one matches."""
+    args = (*layer.weight.shape, layer.bias is not None, dtype, layer.weight.device)
+    block = kernel_block(*args)
+    return (
+        [None] + ([TRANSPOSED] if transposed_matches(*args) else []) + ([block] if block is not None else [])
+    )
 
 
 @pytest.mark.parametrize("rows", [2, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_row_exact_linear_gives_each_row_its_one_row_result(rows, dtype):
-    """Both ways of computing a planned layer (one call per row; the blocked kernel with the block
-    size the probe measured, where it runs) give every row its one-row result, on inputs other
-    than the probe's."""
+    """Every way of computing a planned layer (one call per row; the transposed call or the blocked
+    kernel, where the probe found them to match) gives every row its one-row result, on inputs
+    other than the probe's."""
     g = torch.Generator().manual_seed(100 + rows)
     layer = torch.nn.Linear(1536, 96).to(dtype)
     with torch.no_grad():
@@ -97,15 +109,31 @@ def test_row_exact_linear_gives_each_row_its_one_row_result(rows, dtype):
         assert torch.equal(out, one) and torch.equal(out3[0], one), f"block={block}"
 
 
-def test_the_kernel_is_used_where_the_probe_found_its_block():
-    """On a CPU with AVX512_BF16 and a compiler, a bf16 shape that is not row-invariant gets a
-    block size (else verification would fall back to T library calls per layer)."""
-    if not cpu_linear.available():
-        pytest.skip(f"blocked CPU linear unavailable here: {cpu_linear.unavailable_reason()}")
-    n, k, cpu = 576, 1536, torch.device("cpu")
+@pytest.mark.parametrize("n, k", [(576, 1536), (1536, 576), (49152, 576)])
+def test_the_default_models_shapes_get_a_one_call_plan(n, k):
+    """On the CPUs we run on (AMD Zen 5: the blocked kernel; Intel Xeon with AMX: the transposed
+    call), a bf16 shape of the default model that is not row-invariant gets a plan computing all
+    rows in one call; one call per row would make verification T times the work."""
+    cpu = torch.device("cpu")
     if row_invariant(n, k, False, torch.bfloat16, cpu):
         pytest.skip("this shape is row-invariant with this library and thread count; nothing to replace")
-    assert kernel_block(n, k, False, torch.bfloat16, cpu) is not None
+    if not transposed_matches(n, k, False, torch.bfloat16, cpu) and not cpu_linear.available():
+        pytest.skip(f"blocked CPU linear unavailable here: {cpu_linear.unavailable_reason()}")
+    assert plan_for(n, k, False, torch.bfloat16, cpu) is not None
+
+
+def test_transposed_call_chunks_rows_beyond_the_probed_counts():
+    """More rows than the probe covered go through the transposed call in probed-size chunks, and
+    still equal the one-row results where the transposed plan matches."""
+    cpu = torch.device("cpu")
+    layer = torch.nn.Linear(576, 192, bias=False).bfloat16()
+    if not transposed_matches(192, 576, False, torch.bfloat16, cpu):
+        pytest.skip("the transposed call does not reproduce one-row calls on this CPU")
+    x = torch.randn(150, 576).bfloat16()
+    with torch.no_grad():
+        one = torch.cat([layer(x[i : i + 1]) for i in range(150)])
+        with row_exact_scope({layer: TRANSPOSED}):
+            assert torch.equal(layer(x), one)
 
 
 def test_row_exact_scope_leaves_other_layers_and_ops_alone_and_cleans_up():
@@ -204,4 +232,8 @@ def test_every_node_exact_with_and_without_the_cpu_attention_kernel(tiny_models,
     model, tree = tiny_models(arch, torch.bfloat16), TREES["mixed"]
     prompt, tokens = _case(model, tree, seed=12)
     assert node_mismatches(model, prompt, tree, tokens) == []
-    assert bool(calls) == (switch == "1")
+    # where torch's attention here reduces in another order, the load-time check refuses the kernel
+    attn = model.model.layers[0].self_attn
+    q = torch.zeros(1, model.config.num_attention_heads, 1, attn.head_dim).bfloat16()
+    accepted = hf.cpu_kernel_attention(attn, q, attn.scaling)
+    assert bool(calls) == (switch == "1" and accepted)
