@@ -28,7 +28,7 @@ import transformers
 import selfspec
 from selfspec.autotune import auto_tree, cache_key
 from selfspec.eval.questions import conversation, encode_conversation, load_questions
-from selfspec.models import cache_dir
+from selfspec.models import TINY_SIZES, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 MT_BENCH = ROOT.parent / "shared" / "data" / "eval" / "mt_bench.jsonl"
@@ -39,15 +39,7 @@ def load(args):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
+        cfg = LlamaConfig(**TINY_SIZES, vocab_size=300)
         model = LlamaForCausalLM(cfg).eval()
         model.generation_config.eos_token_id = None
         prompts = [

@@ -26,6 +26,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
+from selfspec.models import TINY_SIZES
 from selfspec.tree import prior_acceptance, tree_from_acceptance
 
 LLAMA3_8B = dict(
@@ -37,15 +38,7 @@ LLAMA3_8B = dict(
     vocab_size=128256,
     max_position_embeddings=8192,
 )
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=1024,
-)
+TINY = {**TINY_SIZES, "vocab_size": 512, "max_position_embeddings": 1024}
 
 
 def timer(device):

@@ -37,6 +37,16 @@ DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 DEFAULT_NAME = "SmolLM2-135M-Instruct-Q4_1"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SHIPPED_DRAFTERS = Path(__file__).parent / "assets" / "drafters"
+# Sizes of the tiny random-weight Llama-family models the tests, the benchmarks' smoke modes and
+# the GPU check build (with their own vocabulary size): 2 layers, GQA 4 query / 2 K/V heads.
+TINY_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from selfspec.drafters import Draft, Drafter, DrafterConfig, SharedModules
+from selfspec.models import TINY_SIZES
 from selfspec.tree import chain
 
 TINY = {
@@ -113,16 +114,7 @@ def make_tiny(arch: str = "llama", dtype: torch.dtype = torch.float64, seed: int
     comparison with HF generate through float reordering; the engine runs in the model's dtype."""
     model_cls, config_cls, extra = TINY[arch]
     torch.manual_seed(seed)
-    sizes = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    config = config_cls(**{**sizes, **extra})
+    config = config_cls(**{**TINY_SIZES, "vocab_size": vocab, **extra})
     model = model_cls(config)
     for layer in getattr(getattr(model, "model", None), "layers", ()):
         if hasattr(layer.self_attn, "sinks"):  # initialized near 0; make them take a real share of the mass

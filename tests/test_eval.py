@@ -19,6 +19,7 @@ import selfspec
 from selfspec.cli import EXIT_BAD_INPUT, main
 from selfspec.eval import methods as M
 from selfspec.eval import metrics, questions, results, runner
+from selfspec.models import TINY_SIZES
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,13 +61,8 @@ def make_tokenizer(corpus, vocab_size):
 def save_tiny(path, tokenizer, seed, hidden=64, layers=2):
     torch.manual_seed(seed)
     config = LlamaConfig(
+        **{**TINY_SIZES, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers},
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
