@@ -112,3 +112,47 @@ def test_original_replies_and_long_prompts(target, tmp_path):
 def test_bad_distill_config(kw, message):
     with pytest.raises(ValueError, match=message):
         DistillConfig(**kw)
+
+
+def test_batched_distillation_equals_unbatched_greedy_in_fp32(tmp_path):
+    """Padded batches of different prompt lengths give each prompt exactly its unbatched greedy
+    reply in fp32, and the built-in check (which regenerates one prompt at a time) says so."""
+    model, tok = selfspec.load_target(str(tiny_target_dir(tmp_path / "t")), device="cpu", dtype="float32")
+    records, report = distill(
+        model, tok, examples(6), tmp_path / "d", DistillConfig(max_new_tokens=10, batch_size=4, check=6)
+    )
+    assert report.check_prompts == 6 and report.check_identical == 6
+    assert report.check_token_agreement == 1.0 and "6/6 replies identical" in report.summary()
+    eos = {257}
+    for r in records:
+        alone = generate_batch(model, [r["prompt_ids"]], 10, SamplingConfig(), eos, 257)[0]
+        assert r["response_ids"] == alone
+
+
+def test_the_check_counts_a_reply_that_differs(target):
+    """The check's arithmetic: a batched reply that left the unbatched one at token 2 is not
+    identical, and only its first 2 tokens count as agreeing."""
+    from selfspec.training.distillation import DistillReport, check_agreement
+    from selfspec.training.utils import Dist
+
+    model, tok = target
+    prompt = prompt_ids(tok, examples(1)[0])
+    alone = generate_batch(model, [prompt], 6, SamplingConfig(), {257}, 257)[0]
+    assert len(alone) >= 3
+    changed = alone[:2] + [(alone[2] + 1) % 256] + alone[3:]
+    report = DistillReport()
+    records = [{"prompt_ids": prompt, "response_ids": alone}, {"prompt_ids": prompt, "response_ids": changed}]
+    check_agreement(model, tok, records, DistillConfig(max_new_tokens=6), report, Dist.single())
+    assert report.check_prompts == 2 and report.check_identical == 1
+    assert report.check_token_agreement == round((len(alone) + 2) / (2 * len(alone)), 4)
+
+
+def test_data_stages_dtype():
+    import types
+
+    from selfspec.models import cpu_has_native_bf16
+    from selfspec.training.pipeline import data_dtype
+
+    model = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)  # only these are read
+    assert data_dtype("float32", model) == torch.float32 and data_dtype("bfloat16", model) == torch.bfloat16
+    assert data_dtype("auto", model) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)

@@ -42,6 +42,7 @@ FLAG_NAMES = {  # (section, field) -> flag, where the plain field name would be 
     ("data", "cache_dir"): "datasets-cache",
     ("distill", "batch_size"): "distill-batch-size",
     ("distill", "seed"): "distill-seed",
+    ("distill", "check"): "distill-check",
     ("features", "max_tokens"): "max-feature-tokens",
     ("features", "batch_tokens"): "feature-batch-tokens",
     ("features", "dtype"): "feature-dtype",
@@ -137,6 +138,8 @@ def build_settings(args: argparse.Namespace):
         if "__" in key:
             section, name = key.split("__", 1)
             values[section][name] = value
+    if "train__steps" in vars(args) and "run__time_budget" not in vars(args):
+        values["run"]["time_budget"] = ""  # steps the user chose win over a preset's budget
     classes = {"run": RunConfig, **SECTIONS}
     return Settings(**{s: classes[s](**v) for s, v in values.items()})
 
@@ -148,6 +151,8 @@ def check_train(args: argparse.Namespace) -> None:
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     args.settings = settings
+    if settings.run.time_budget and "train__steps" in vars(args):
+        raise UsageError("--time-budget plans the number of steps; pass --time-budget or --steps, not both")
     if not settings.data.sources and not settings.data.self_prompts:
         raise UsageError(
             "no training data; pass --data FILE_OR_DATASET (JSON/JSONL/TXT file or hub dataset name) "

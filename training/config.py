@@ -18,6 +18,7 @@ from selfspec.options import DRAFTER_KINDS
 FORMATS = ("sharegpt", "openai", "alpaca", "gsm8k", "prompt")  # row shapes of training data
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")  # storage dtypes of captured features
 SAVE_DTYPES = ("float16", "bfloat16", "float32")  # stored weight dtypes of a trained drafter
+DATA_DTYPES = ("float32", "bfloat16", "float16")  # target dtypes of the data stages
 EXPORT_FORMATS = ("eagle", "eagle3", "medusa")  # checkpoint layouts `selfspec export` writes
 ENGINES = ("vllm", "sglang")  # serving engines whose config naming export follows
 
@@ -74,11 +75,20 @@ class DistillConfig:
         metadata={"help": "train on the dataset's own replies instead of the target's (not recommended)"},
     )
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of sampled responses (per batch)"})
+    check: int = dataclasses.field(
+        default=8,
+        metadata={
+            "help": "regenerate this many new greedy replies one prompt at a time and report how many "
+            "the batched decoding reproduced (0 = no check)"
+        },
+    )
 
     def __post_init__(self):
         for name in ("max_new_tokens", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"distill {name} must be >= 1, got {getattr(self, name)}")
+        if self.check < 0:
+            raise ValueError(f"distill check must be >= 0 (0 = no check), got {self.check}")
         from selfspec.sampling import SamplingConfig  # torch; only when settings are built
 
         SamplingConfig(temperature=self.temperature, top_p=self.top_p)  # same checks and messages
@@ -257,13 +267,29 @@ class RunConfig:
         default="default", metadata={"help": "target model: default, hub id, dir, .gguf"}
     )
     dtype: str | None = dataclasses.field(
-        default=None, metadata={"help": "target dtype (default: fp32 CPU, bf16 CUDA)"}
+        default=None, metadata={"help": "target dtype while training (default: fp32 CPU, bf16 CUDA)"}
+    )
+    data_dtype: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "target dtype for the data stages (self-written prompts, distillation, feature "
+            f"capture): auto (bf16 where the device computes bf16 natively: CUDA, CPUs with AVX512_BF16 "
+            f"or AMX; else the training dtype) or one of {', '.join(DATA_DTYPES)}"
+        },
     )
     held_out: int = dataclasses.field(
         default=24, metadata={"help": "examples kept out of training (calibration, tau)"}
     )
     save_dtype: str = dataclasses.field(
         default="float16", metadata={"help": f"stored weight dtype: {', '.join(SAVE_DTYPES)}"}
+    )
+    time_budget: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "finish in about this wall time (e.g. 2h, 90m, 5400): the stages' rates are measured "
+            "on a first batch, then the number of prompts and --steps are planned to fit (3 epochs, "
+            "more steps if the data runs out); empty = off"
+        },
     )
     wandb: str = dataclasses.field(
         default="offline", metadata={"help": "W&B mode: offline, online, disabled"}
@@ -279,10 +305,18 @@ class RunConfig:
     def __post_init__(self):
         if not self.out:
             raise ValueError("--out is required: the directory the trained drafter is written to")
+        if self.data_dtype != "auto" and self.data_dtype not in DATA_DTYPES:
+            raise ValueError(
+                f"data dtype must be auto or one of {', '.join(DATA_DTYPES)}, got {self.data_dtype!r}"
+            )
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.held_out < 1:
             raise ValueError(f"held_out must be >= 1 (calibration needs held-out data), got {self.held_out}")
+        if self.time_budget:
+            from selfspec.training.budget import parse_duration
+
+            parse_duration(self.time_budget)
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
         self.work_dir = self.work_dir or f"{self.out.rstrip('/')}.work"

@@ -180,6 +180,7 @@ def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Di
         "dtype": config.dtype,
         "feature_layers": list(config.feature_layers),
         "hidden_size": int(model.config.get_text_config().hidden_size),
+        "target_dtype": str(model.dtype).removeprefix("torch."),
         "max_seq_len": config.max_seq_len,
     }
     path = directory / SETTINGS
@@ -187,6 +188,7 @@ def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Di
         old = json.loads(path.read_text())
         if "extra_layers" in old:  # the name before feature_layers; the features are the same
             old["feature_layers"] = old.pop("extra_layers")
+        old.setdefault("target_dtype", "float32")  # caches from before the key: an fp32 target
         if old != settings:
             raise ValueError(
                 f"{directory} holds features captured with {old}, not {settings}; "
