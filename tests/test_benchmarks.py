@@ -107,3 +107,16 @@ def test_gpu_check_fails_soft(tmp_path, monkeypatch):
     assert gpu_check.main([str(tmp_path)]) == 1
     rcs = {c["name"]: c["rc"] for c in json.loads((tmp_path / "summary.json").read_text())["checks"]}
     assert rcs == {"fails": 3, "hangs": "timeout", "passes": 0, "model": "skipped"}
+
+
+def test_data_pipeline_smoke(tmp_path):
+    """benchmarks/bench_data_pipeline.py --smoke: distillation and capture in fp32 and bf16 on the
+    default model at toy sizes, with the unbatched check, recorded as JSON."""
+    out = tmp_path / "data.json"
+    run("bench_data_pipeline.py", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert set(record["summary"]) == {"float32 b2", "bfloat16 b2"}
+    for s in record["summary"].values():
+        assert s["distill_tok_s"]["median"] > 0 and s["capture_tok_s"]["median"] > 0
+        assert s["check_prompts"] == 1
+    assert record["summary"]["float32 b2"]["distill_tok_s_vs_fp32"]["median"] == 1.0

@@ -10,10 +10,12 @@ give the tau measured with ``selfspec.generate``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,12 @@ import torch
 import selfspec
 from selfspec.drafters import default_feature_layers
 from selfspec.io import atomic_write_text, replacing
+from selfspec.models import cpu_has_native_bf16
 from selfspec.training import features as feats
+from selfspec.training.budget import Rates, parse_duration
+from selfspec.training.budget import plan as budget_plan
 from selfspec.training.calibration import calibrate
-from selfspec.training.config import (
-    Settings,
-)
+from selfspec.training.config import FeatureConfig, Settings
 from selfspec.training.data import load_all, split_held_out
 from selfspec.training.distillation import distill, sequences
 from selfspec.training.self_prompts import write_prompts
@@ -64,8 +67,114 @@ def drafter_feature_layers(kind: str, model: Any) -> list[int]:
     return default_feature_layers(model.config.get_text_config().num_hidden_layers)
 
 
-def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist) -> dict[str, Any]:
-    """Load the examples, self-distill them, capture features; returns what training needs."""
+def data_dtype(setting: str, model: Any) -> torch.dtype:
+    """The target dtype of the data stages: ``setting``, or for auto bf16 where the device computes
+    it natively (batched bf16 GEMMs there run several times faster than fp32 ones; see
+    benchmarks/README.md), else the training dtype."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if model.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else model.dtype
+    return torch.bfloat16 if model.device.type == "cpu" and cpu_has_native_bf16() else model.dtype
+
+
+def fit_budget(
+    s: Settings,
+    model: Any,
+    train_model: Any,
+    tokenizer: Any,
+    train_ex: list[Any],
+    held_ex: list[Any],
+    fconfig: FeatureConfig,
+    work: Path,
+    dist: Dist,
+    started: float,
+) -> tuple[list[Any], dict[str, Any]]:
+    """Measure the stages' rates on one distillation batch (its replies land in the real cache, so
+    nothing is wasted), plan prompts and steps for ``--time-budget`` (``selfspec.training.budget``)
+    and return the planned training examples (a seeded sample across sources) and the plan. The
+    plan is kept in the work dir: a resumed run follows it instead of probing again."""
+    path = work / "budget_plan.json"
+    order = list(train_ex)
+    random.Random(s.train.seed).shuffle(order)  # any prefix mixes the sources
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        return order[: kept["prompts"]], kept
+    probe = order[: max(s.distill.batch_size, 8)]
+    records, drep = distill(
+        model, tokenizer, probe, work / "distill", dataclasses.replace(s.distill, check=0), dist
+    )
+    probe_dir = work / "budget_probe"
+    items = list(sequences(records))
+    frep = feats.capture(model, items, probe_dir / "features", fconfig, dist)
+    sequences_ = feats.load(probe_dir / "features", fconfig.feature_layers)
+    steps = 6
+    probe_train = dataclasses.replace(
+        s.train,
+        steps=steps,
+        checkpoint_every=10**9,
+        eval_every=0,
+        tau_prompts=0,
+        log_every=steps,
+        warmup_steps=0,
+    )
+    trainer = Trainer(train_model, sequences_, probe_train, probe_dir / "train", wandb_mode="disabled")
+    train_rate = trainer.train().tokens_per_s
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    if drep.seconds <= 0 or drep.new_tokens == 0:
+        raise ValueError(
+            f"the budget probe found its replies cached in {work}; use a new --work-dir with --time-budget"
+        )
+    rates = Rates(drep.new_tokens / drep.seconds, frep.tokens / max(frep.seconds, 1e-9), train_rate)
+    prompt_tokens = statistics.mean(len(r["prompt_ids"]) for r in records)
+    reply_tokens = statistics.mean(len(r["response_ids"]) for r in records)
+    held = len(held_ex) * (
+        reply_tokens / rates.distill_tok_s + (prompt_tokens + reply_tokens) / rates.capture_tok_s
+    )
+    budget = parse_duration(s.run.time_budget)
+    # Already spent (model load, probe) + held-out data + calibration, tau and saving (a reserve).
+    fixed = time.perf_counter() - started + held + 0.05 * budget + 30
+    batch_rows = s.train.batch_tokens * s.train.grad_accum * dist.world_size
+    p = budget_plan(
+        budget,
+        rates,
+        available_prompts=len(order),
+        prompt_tokens=prompt_tokens,
+        reply_tokens=reply_tokens,
+        batch_tokens=batch_rows,
+        fixed_s=fixed,
+        max_tokens=s.features.max_tokens,
+    )
+    kept = {
+        "prompts": p.prompts,
+        "steps": p.steps,
+        "epochs": round(p.epochs, 2),
+        "limited_by": p.limited_by,
+        "budget_s": budget,
+        "planned_s": {k: round(v, 1) for k, v in p.seconds.items()},
+        "rates": dataclasses.asdict(rates),
+        "prompt_tokens": prompt_tokens,
+        "reply_tokens": reply_tokens,
+        "summary": p.summary(),
+    }
+    if dist.is_main:
+        atomic_write_text(path, json.dumps(kept, indent=1) + "\n")
+    dist.barrier()
+    return order[: p.prompts], kept
+
+
+def _stage_data(
+    s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist, started: float
+) -> dict[str, Any]:
+    """Load the examples, self-distill them, capture features; returns what training needs. The
+    data stages run on a copy of the target in ``data_dtype`` when that differs from the training
+    dtype (the copy is freed before training). With a time budget, the training examples and
+    ``s.train.steps`` are cut to the plan first."""
+    train_model, dtype = model, data_dtype(s.run.data_dtype, model)
+    if dtype != model.dtype:
+        _say(dist, f"data stages run the target in {str(dtype).removeprefix('torch.')}")
+        with torch.no_grad():
+            model = copy.deepcopy(model).to(dtype)
     examples, reports = load_all(s.data, seed=s.train.seed)
     if s.data.self_prompts:
         written, report = write_prompts(
@@ -82,14 +191,21 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
     for r in reports:
         _say(dist, r.summary())
     train_ex, held_ex = split_held_out(examples, s.run.held_out)
-    records, dreport = distill(model, tokenizer, train_ex + held_ex, work / "distill", s.distill, dist)
-    _say(dist, dreport.summary())
-    held_ids = {e.id for e in held_ex}
-    items = list(sequences(records))
     fused = drafter_feature_layers(s.train.kind, model)  # EAGLE-3 reads these target layers as well
     fconfig = dataclasses.replace(
         s.features, feature_layers=list(dict.fromkeys([*s.features.feature_layers, *fused]))
     )
+    planned = None
+    if s.run.time_budget:
+        train_ex, planned = fit_budget(
+            s, model, train_model, tokenizer, train_ex, held_ex, fconfig, work, dist, started
+        )
+        s.train.steps = planned["steps"]
+        _say(dist, planned["summary"])
+    records, dreport = distill(model, tokenizer, train_ex + held_ex, work / "distill", s.distill, dist)
+    _say(dist, dreport.summary())
+    held_ids = {e.id for e in held_ex}
+    items = list(sequences(records))
     freport = feats.capture(
         model, [i for i in items if i[0] not in held_ids], work / "features" / "train", fconfig, dist
     )
@@ -115,6 +231,7 @@ def _stage_data(s: Settings, model: Any, tokenizer: Any, work: Path, dist: Dist)
         "reports": {
             "data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
             **{k: v | {"runs": history[k]} for k, v in stage_reports.items()},
+            **({"time_budget": planned} if planned else {}),
         },
     }
 
@@ -196,7 +313,7 @@ def run(settings: Settings) -> dict[str, Any]:
     if s.run.overwrite and dist.is_main:
         shutil.rmtree(work, ignore_errors=True)
     dist.barrier()
-    data = _stage_data(s, model, tokenizer, work, dist)
+    data = _stage_data(s, model, tokenizer, work, dist, started)
     trainer = Trainer(
         model,
         data["train"],
