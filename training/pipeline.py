@@ -32,7 +32,7 @@ from selfspec.training.budget import plan as budget_plan
 from selfspec.training.calibration import calibrate
 from selfspec.training.config import FeatureConfig, Settings
 from selfspec.training.data import load_all, split_held_out
-from selfspec.training.distillation import distill, sequences
+from selfspec.training.distillation import distill, read_responses, sequences
 from selfspec.training.self_prompts import write_prompts
 from selfspec.training.trainer import Trainer, measure_tau
 from selfspec.training.utils import Dist
@@ -100,10 +100,16 @@ def fit_budget(
     if path.is_file():
         kept = json.loads(path.read_text())
         return order[: kept["prompts"]], kept
-    probe = order[: max(s.distill.batch_size, 8)]
+    done = read_responses(work / "distill")  # e.g. a run killed during its probe: time new prompts
+    probe = [e for e in order if e.id not in done][: max(s.distill.batch_size, 8)]
     records, drep = distill(
         model, tokenizer, probe, work / "distill", dataclasses.replace(s.distill, check=0), dist
     )
+    if drep.seconds <= 0 or drep.new_tokens == 0:
+        raise ValueError(
+            f"every prompt is already distilled in {work}, so --time-budget cannot time distillation; "
+            "use a new --work-dir, or --steps instead of --time-budget"
+        )
     probe_dir = work / "budget_probe"
     items = list(sequences(records))
     frep = feats.capture(model, items, probe_dir / "features", fconfig, dist)
@@ -121,10 +127,6 @@ def fit_budget(
     trainer = Trainer(train_model, sequences_, probe_train, probe_dir / "train", wandb_mode="disabled")
     train_rate = trainer.train().tokens_per_s
     shutil.rmtree(probe_dir, ignore_errors=True)
-    if drep.seconds <= 0 or drep.new_tokens == 0:
-        raise ValueError(
-            f"the budget probe found its replies cached in {work}; use a new --work-dir with --time-budget"
-        )
     rates = Rates(drep.new_tokens / drep.seconds, frep.tokens / max(frep.seconds, 1e-9), train_rate)
     prompt_tokens = statistics.mean(len(r["prompt_ids"]) for r in records)
     reply_tokens = statistics.mean(len(r["response_ids"]) for r in records)
