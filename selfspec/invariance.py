@@ -196,10 +196,14 @@ class RowExactLinear(TorchFunctionMode):
             planned = self._by_weight.get(id(w))
             if planned is not None and planned[0] is w and x.numel() > x.shape[-1]:
                 plan, rows = planned[1], x.reshape(-1, x.shape[-1])
-                if plan == TRANSPOSED:  # in chunks of row counts the probe covered
+                if plan == TRANSPOSED:  # in chunks of row counts the probe covered (one for most trees)
                     top = PROBE_ROWS[-1]
-                    out = torch.cat(
-                        [transposed_linear(rows[i : i + top], w, b) for i in range(0, rows.shape[0], top)]
+                    out = (
+                        transposed_linear(rows, w, b)
+                        if rows.shape[0] <= top
+                        else torch.cat(
+                            [transposed_linear(rows[i : i + top], w, b) for i in range(0, rows.shape[0], top)]
+                        )
                     )
                 elif plan is not None and x.dtype == torch.bfloat16:
                     return cpu_linear.blocked_linear(x, _packed(planned[2]), w.shape[0], plan, b)

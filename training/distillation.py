@@ -93,6 +93,12 @@ def original_response_ids(tokenizer: Any, example: Example, prompt: list[int]) -
 
 
 # ------------------------------------------------------------------------------------- decode
+def eos_and_pad(model: Any, tokenizer: Any) -> tuple[set[int], int]:
+    """The ids that end a reply, and a pad id (padded positions are masked: any id works)."""
+    eos = eos_ids(model, fallback=tokenizer.eos_token_id)
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+
+
 @torch.no_grad()
 def generate_batch(
     model: Any,
@@ -248,8 +254,7 @@ def check_agreement(
     record how many batched replies are identical, and what share of their tokens come before the
     first difference: a batched or reduced-precision forward may flip a near-tie, after which the
     reply is still fluent but no longer the one the target gives on its own."""
-    eos = eos_ids(model, fallback=tokenizer.eos_token_id)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    eos, pad = eos_and_pad(model, tokenizer)
     agree = total = 0
     bar = progress(total=len(records), desc="distill check", unit="prompt", disable=not dist.is_main)
     for r in records:
@@ -271,8 +276,7 @@ def _distill_shard(
 ) -> None:
     """Generate ``todo`` batch by batch (shortest prompts together), appending to ``sink``."""
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p)
-    eos, pad = eos_ids(model, fallback=tokenizer.eos_token_id), tokenizer.pad_token_id
-    pad = pad if pad is not None else min(eos, default=0)  # padded positions are masked: any id works
+    eos, pad = eos_and_pad(model, tokenizer)
     encoded = [(e, prompt_ids(tokenizer, e)) for e in todo]
     report.skipped_long = sum(len(p) > config.max_prompt_tokens for _, p in encoded)
     encoded = sorted(

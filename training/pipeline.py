@@ -110,10 +110,13 @@ def fit_budget(
             f"every prompt is already distilled in {work}, so --time-budget cannot time distillation; "
             "use a new --work-dir, or --steps instead of --time-budget"
         )
+    # Captured into the real training cache (the probe prompts are training prompts), so the
+    # capture stage later finds them done; only the probe's training is thrown away.
+    train_dir = work / "features" / "train"
+    frep = feats.capture(model, list(sequences(records)), train_dir, fconfig, dist)
+    rate_capture = (frep.tokens - frep.cached_tokens) / max(frep.seconds, 1e-9)
     probe_dir = work / "budget_probe"
-    items = list(sequences(records))
-    frep = feats.capture(model, items, probe_dir / "features", fconfig, dist)
-    sequences_ = feats.load(probe_dir / "features", fconfig.feature_layers)
+    sequences_ = feats.load(train_dir, fconfig.feature_layers)
     steps = 6
     probe_train = dataclasses.replace(
         s.train,
@@ -127,7 +130,7 @@ def fit_budget(
     trainer = Trainer(train_model, sequences_, probe_train, probe_dir / "train", wandb_mode="disabled")
     train_rate = trainer.train().tokens_per_s
     shutil.rmtree(probe_dir, ignore_errors=True)
-    rates = Rates(drep.new_tokens / drep.seconds, frep.tokens / max(frep.seconds, 1e-9), train_rate)
+    rates = Rates(drep.new_tokens / drep.seconds, rate_capture, train_rate)
     prompt_tokens = statistics.mean(len(r["prompt_ids"]) for r in records)
     reply_tokens = statistics.mean(len(r["response_ids"]) for r in records)
     held = len(held_ex) * (

@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from selfspec.decoding import eos_ids
 from selfspec.sampling import SamplingConfig
 from selfspec.training.data import DataReport, Example
-from selfspec.training.distillation import check_manifest, generate_batch, read_responses
+from selfspec.training.distillation import check_manifest, eos_and_pad, generate_batch, read_responses
 from selfspec.training.utils import Dist, progress
 
 SOURCE = "self"  # example ids are "self:<n>"
@@ -95,8 +94,7 @@ def _generate(
     model, tokenizer, header: list[int], todo: list[range], own: Path, seed: int, dist: Dist
 ) -> None:
     sampling = SamplingConfig(temperature=TEMPERATURE, top_p=TOP_P)
-    eos, pad = eos_ids(model, fallback=tokenizer.eos_token_id), tokenizer.pad_token_id
-    pad = pad if pad is not None else min(eos, default=0)
+    eos, pad = eos_and_pad(model, tokenizer)
     bar = progress(
         total=sum(len(b) for b in todo), desc="self-prompts", unit="prompt", disable=not dist.is_main
     )
