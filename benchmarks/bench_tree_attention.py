@@ -75,7 +75,7 @@ def make_inputs(batch: int, model: str, t: int, prefix: int, dtype: torch.dtype,
 
 
 def run_ours(x: dict):
-    from selfspec.kernels import pack_tree_mask, tree_attention
+    from selfspec.kernels.tree_attention import pack_tree_mask, tree_attention
 
     bits = pack_tree_mask(x["mask"])
     return lambda: tree_attention(x["q"], x["k"], x["v"], x["prefix_lens"], bits, x["scale"])
@@ -112,7 +112,7 @@ METHODS = {"ours": run_ours, "sdpa": run_sdpa, "flex": run_flex}
 
 
 def reference(x: dict) -> torch.Tensor:
-    from selfspec.kernels import pack_tree_mask, tree_attention_reference
+    from selfspec.kernels.tree_attention import pack_tree_mask, tree_attention_reference
 
     bits = pack_tree_mask(x["mask"])
     return tree_attention_reference(x["q"], x["k"], x["v"], x["prefix_lens"], bits, x["scale"])

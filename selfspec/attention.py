@@ -120,9 +120,9 @@ class TreeMask:
     def bits(self) -> torch.Tensor:
         """Packed ancestor bitmask ``[T, ceil(T/32)]`` int32 for the Triton kernel."""
         if self._bits is None:
-            from selfspec import kernels  # torch + triton; only the Triton path needs the bits
+            from selfspec.kernels import tree_attention as tree_kernel  # torch + triton; only the Triton path
 
-            self._bits = kernels.pack_tree_mask(self.ancestor_mask)
+            self._bits = tree_kernel.pack_tree_mask(self.ancestor_mask)
         return self._bits
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from selfspec.kernels import HAS_TRITON, kv_commit, kv_commit_reference
+from selfspec.kernels.kv_commit import kv_commit, kv_commit_reference
+from selfspec.kernels.tree_attention import HAS_TRITON
 
 
 class KVStore:

@@ -41,11 +41,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from selfspec import kernels
 from selfspec.attention import TreeMask, causal_mask, explicit_attention, window_cut
 from selfspec.cache import KVStore
 from selfspec.invariance import linear_plans, row_exact_scope
 from selfspec.kernels import cpu_attention
+from selfspec.kernels import tree_attention as tree_kernel
 
 ATTENTION_NAME = "selfspec"
 BACKENDS = ("torch", "triton")
@@ -66,10 +66,10 @@ def attention_backend(device: torch.device) -> str:
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"SELFSPEC_ATTENTION={forced!r} is not one of {BACKENDS}; unset it or pick one")
-        if forced == "triton" and not kernels.HAS_TRITON:
+        if forced == "triton" and not tree_kernel.HAS_TRITON:
             raise RuntimeError("SELFSPEC_ATTENTION=triton but triton cannot be imported here; install triton")
         return forced
-    return "triton" if device.type == "cuda" and kernels.HAS_TRITON else "torch"
+    return "triton" if device.type == "cuda" and tree_kernel.HAS_TRITON else "torch"
 
 
 def tree_attention_forward(
@@ -122,7 +122,7 @@ def tree_attention_forward(
     plain = window is None and softcap is None and sinks is None
     if selfspec_tree.backend == "triton" and plain:
         prefix = torch.full((query.shape[0],), kv_len - q_len, dtype=torch.int32, device=query.device)
-        return kernels.tree_attention(query, key, value, prefix, selfspec_tree.bits(), scale), None
+        return tree_kernel.tree_attention(query, key, value, prefix, selfspec_tree.bits(), scale), None
     if plain and selfspec_tree.exact:
         return _per_node_attention(module, query, key, value, selfspec_tree, dropout, scale, **kwargs), None
     mask = selfspec_tree.dense(kv_len, window)

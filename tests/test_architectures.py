@@ -73,17 +73,17 @@ def test_dynamic_trees_match_hf(tiny_models, arch, kind):
 def test_triton_backend_falls_back_per_layer(tiny_models, monkeypatch, arch):
     """SELFSPEC_ATTENTION=triton: full layers go through the kernel; windowed, capped or sink layers
     take the torch path (the kernel has none of these); the output still equals HF's."""
-    from selfspec import kernels
+    from selfspec.kernels import tree_attention as tree_kernel
 
-    if not kernels.HAS_TRITON:
+    if not tree_kernel.HAS_TRITON:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("SELFSPEC_ATTENTION", "triton")
     model = tiny_models(arch, torch.float32)
     ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(34))
     ref = hf_greedy(model, ids, 12)
     calls = []
-    real = kernels.tree_attention
-    monkeypatch.setattr(kernels, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tree_kernel.tree_attention
+    monkeypatch.setattr(tree_kernel, "tree_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     drafter = OracleDrafter(model, ref, ids.shape[1], rank=0)
     out = selfspec.generate(
         model, ids, drafter=drafter, tree=build_tree([(0,), (1,), (0, 0)]), max_new_tokens=12, eos_token_id=[]

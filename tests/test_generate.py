@@ -181,9 +181,9 @@ def test_attention_implementation_is_restored(tiny_models):
 def test_triton_backend_end_to_end(tiny_models, monkeypatch, kind):
     """SELFSPEC_ATTENTION=triton routes tree attention and the KV commit through the Triton kernels
     (the interpreter on CPU); greedy output still equals HF's."""
-    from selfspec import kernels
+    from selfspec.kernels import tree_attention as tree_kernel
 
-    if not kernels.HAS_TRITON:
+    if not tree_kernel.HAS_TRITON:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("SELFSPEC_ATTENTION", "triton")
     model = tiny_models("llama", torch.float32)
@@ -191,13 +191,13 @@ def test_triton_backend_end_to_end(tiny_models, monkeypatch, kind):
     ref = hf_greedy(model, ids, 16)
     drafter = randomized(selfspec.new_drafter(kind, model, tree_nodes=6), seed=14, std=0.05) if kind else None
     calls = {"attn": 0}
-    real_attn = kernels.tree_attention
+    real_attn = tree_kernel.tree_attention
 
     def counting_attn(*a, **k):
         calls["attn"] += 1
         return real_attn(*a, **k)
 
-    monkeypatch.setattr(kernels, "tree_attention", counting_attn)
+    monkeypatch.setattr(tree_kernel, "tree_attention", counting_attn)
     out = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=16, eos_token_id=[])
     assert torch.equal(out.sequences, ref)
     if kind is not None:
@@ -206,9 +206,9 @@ def test_triton_backend_end_to_end(tiny_models, monkeypatch, kind):
 
 def test_triton_commit_with_oracle_drafter(tiny_models, monkeypatch):
     """Non-contiguous accepted paths through the Triton KV commit kernel."""
-    from selfspec import kernels
+    from selfspec.kernels import tree_attention as tree_kernel
 
-    if not kernels.HAS_TRITON:
+    if not tree_kernel.HAS_TRITON:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("SELFSPEC_ATTENTION", "triton")
     model = tiny_models("qwen2", torch.float32)
@@ -217,7 +217,7 @@ def test_triton_commit_with_oracle_drafter(tiny_models, monkeypatch):
     drafter = OracleDrafter(model, ref, ids.shape[1], rank=1)
     tree = build_tree([(r,) for r in range(2)] + [(r, s) for r in range(2) for s in range(2)])
     commits = []
-    real_commit = kernels.kv_commit
+    real_commit = selfspec.cache.kv_commit
     monkeypatch.setattr("selfspec.cache.kv_commit", lambda *a: commits.append(1) or real_commit(*a))
     out = selfspec.generate(model, ids, drafter=drafter, tree=tree, max_new_tokens=12, eos_token_id=[])
     assert torch.equal(out.sequences, ref)
