@@ -40,7 +40,6 @@ from selfspec.tree import (
     TreeBuffers,
     chain,
     expected_tau,
-    prior_acceptance,
     tree_from_acceptance,
 )
 
@@ -58,10 +57,7 @@ def budget_tau(acceptance: torch.Tensor, budget: int) -> float:
 
 
 def drafter_acceptance(drafter: Drafter, spec: DynamicTree) -> torch.Tensor:
-    measured = getattr(drafter.config, "acceptance", None)
-    if measured:
-        return torch.tensor(measured, dtype=torch.float64)
-    return prior_acceptance(spec.depth, spec.top_k, first=0.6, decay=0.8)
+    return drafter.acceptance_matrix(spec.depth, spec.top_k)
 
 
 def _seconds(fn) -> float:

@@ -33,10 +33,11 @@ from selfspec.hf import (
     target_forward,
 )
 from selfspec.lookup import Lookup, merged_tree
-from selfspec.sampling import LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
+from selfspec.sampling import CandidateSampler, LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
 from selfspec.tree import DynamicTree, TreeBuffers, chain, tree_from_parents
 
 ACCEPTANCE = ("exact", "typical")
+CANDIDATES = ("auto", "top-k", "sampled")
 
 ROOT_ONLY = chain(0)
 
@@ -91,6 +92,14 @@ class Decoding:
     logits_processor: LogitsProcessor | None = None
     generator: torch.Generator | None = None
     exact_verify: bool = True  # TreeMask.exact: per-node bitwise verification (selfspec.hf.VERIFY)
+    candidates: str = "top-k"  # "top-k" or "sampled" (drawn from the drafter's warped distribution)
+
+    @property
+    def sampler(self) -> CandidateSampler | None:
+        """How the drafter draws sampled candidates; None for top-k candidates."""
+        if self.candidates != "sampled":
+            return None
+        return CandidateSampler(self.sampling, self.generator)
 
     @property
     def plain_greedy(self) -> bool:
@@ -112,7 +121,7 @@ class Decoding:
                 logits, draft.tokens, draft.tree, self.sampling.temperature, generator=self.generator
             )
         probs = _warp_tree(logits, draft, committed, self)
-        return sample_accept(probs, draft.tokens, draft.tree, None, self.generator)
+        return sample_accept(probs, draft.tokens, draft.tree, draft.probs, self.generator)
 
 
 def _warp_tree(logits: torch.Tensor, draft: Draft, committed: torch.Tensor, dec: Decoding) -> torch.Tensor:
@@ -230,6 +239,7 @@ def generate(
     acceptance: str = "exact",
     verify: str = "exact",
     lookup: Lookup | bool | None = None,
+    candidates: str = "auto",
 ) -> GenerationResult:
     """Speculative decoding. Greedy output equals ``model.generate(do_sample=False)``; with
     ``temperature > 0`` the output follows the target's (warped) distribution exactly.
@@ -248,6 +258,10 @@ def generate(
     lookup: True (default settings) or a ``selfspec.lookup.Lookup`` adds branches copied from the
     context (n-gram matches in the prompt and the generated text) to every step's tree, within the
     tree's node budget; with ``drafter=None`` it speculates with no trained drafter at all.
+    candidates (temperature > 0): "top-k" (the drafter's most likely tokens), "sampled" (drawn
+    from the drafter's warped distribution, siblings without replacement; the rejection rule uses
+    what they were drawn from) or "auto" (the one measured better at this temperature,
+    ``resolve_candidates``). Both are lossless; they differ in how many tokens a step keeps.
     """
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance must be one of {ACCEPTANCE}, got {acceptance!r}")
@@ -261,7 +275,12 @@ def generate(
     tree = resolve_tree(tree, drafter, model, verify)
     tree = tree.to(model.device) if isinstance(tree, TreeBuffers) else tree
     dec = Decoding(
-        sampling, acceptance, logits_processor, sampling.make_generator(model.device), verify == "exact"
+        sampling,
+        acceptance,
+        logits_processor,
+        sampling.make_generator(model.device),
+        verify == "exact",
+        resolve_candidates(candidates, sampling, acceptance),
     )
     if verify == "exact" and (drafter is not None or lookup is not None):
         row_exact(
@@ -269,6 +288,30 @@ def generate(
         )  # measures which linear shapes need row-exact GEMMs once per process, before the clock starts
     eos = eos_ids(model, eos_token_id)
     return _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, lookup)
+
+
+# Sampled candidates keep more tokens per step than top-k ones from this temperature on; below it,
+# top-k. Measured with the shipped drafter on training-side prompts (benchmarks/README.md,
+# "Sampled candidates"), never on the eval sets.
+SAMPLED_FROM_TEMPERATURE = 0.0
+
+
+def resolve_candidates(candidates: str, sampling: SamplingConfig, acceptance: str = "exact") -> str:
+    """ "top-k" or "sampled" for a ``generate(candidates=...)`` value. Greedy decoding always uses
+    top-k (a sampled draw from a point mass is its argmax); typical acceptance reads no proposal
+    distribution, so it refuses "sampled"."""
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+    if candidates == "sampled" and acceptance != "exact":
+        raise ValueError(
+            "candidates='sampled' needs acceptance='exact' (typical acceptance does not use the "
+            "distribution the candidates were drawn from); pass candidates='top-k' or 'auto'"
+        )
+    if sampling.greedy or acceptance != "exact":
+        return "top-k"
+    if candidates == "auto":
+        return "sampled" if sampling.temperature > SAMPLED_FROM_TEMPERATURE else "top-k"
+    return candidates
 
 
 def _lookup_arg(lookup: Lookup | bool | None) -> Lookup | None:
@@ -360,11 +403,12 @@ class _Loop:
         branches = self.lookup.propose(self._lookup_room()) if self.lookup is not None else []
         drafted = sum(len(b) for b in branches)
         if self.drafter is not None:
-            draft = self.drafter.propose(self.state, hidden, next_tokens, self._drafter_tree(drafted))
+            tree = self._drafter_tree(drafted)
+            draft = self.drafter.propose(self.state, hidden, next_tokens, tree, sampler=self.dec.sampler)
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
         if branches:
-            draft = Draft(*merged_tree(draft.tree, draft.tokens, branches))
+            draft = Draft(*merged_tree(draft.tree, draft.tokens, branches, draft.probs))
         t1 = time.perf_counter()
         mask = (
             TreeMask(draft.tree.ancestor_mask, backend, self.dec.exact_verify)

@@ -173,6 +173,15 @@ def merge_draft(
     while its tokens match and adds nodes from there, so no path is verified twice. Returns the
     merged parents and tokens, ordered by depth (every tree consumer's order), and the number of
     nodes added."""
+    par, tok, added, _ = _merge(parents, tokens, branches)
+    return par, tok, added
+
+
+def _merge(
+    parents: Sequence[int], tokens: Sequence[int], branches: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int], int, list[int]]:
+    """``merge_draft``, plus the merged node order: entry j is the node's index before the merge
+    (indices >= len(parents) are added nodes). Added nodes follow their existing siblings."""
     children: list[dict[int, int]] = [{} for _ in parents]
     for i in range(1, len(parents)):
         children[parents[i]][tokens[i]] = i
@@ -190,19 +199,33 @@ def merge_draft(
             node = nxt
     added = len(par) - len(parents)
     if not added:
-        return par, tok, 0
+        return par, tok, 0, list(range(len(par)))
     order = [0]  # breadth-first from the root: ordered by depth, parents before children
     for node in order:
         order.extend(children[node].values())
     new = {old: k for k, old in enumerate(order)}
-    return [-1] + [new[par[i]] for i in order[1:]], [tok[i] for i in order], added
+    return [-1] + [new[par[i]] for i in order[1:]], [tok[i] for i in order], added, order
 
 
-def merged_tree(draft_tree: TreeBuffers, draft_tokens: torch.Tensor, branches: Sequence[Sequence[int]]):
-    """``merge_draft`` on a drafted tree: returns (TreeBuffers, tokens [T]) or the inputs unchanged
-    when the branches add no node."""
-    parents, tokens, added = merge_draft(draft_tree.parents.tolist(), draft_tokens.tolist(), branches)
+def merged_tree(
+    draft_tree: TreeBuffers,
+    draft_tokens: torch.Tensor,
+    branches: Sequence[Sequence[int]],
+    draft_probs: torch.Tensor | None = None,
+):
+    """``merge_draft`` on a drafted tree: returns (TreeBuffers, tokens [T], probs [T, V] or None)
+    or the inputs unchanged when the branches add no node. With sampled candidates
+    (``draft_probs``, see ``Draft.probs``) the added nodes are point masses on their tokens: they
+    come after every drafted sibling and never repeat one's token, as the rejection rule needs."""
+    parents, tokens, added, order = _merge(draft_tree.parents.tolist(), draft_tokens.tolist(), branches)
     if not added:
-        return draft_tree, draft_tokens
+        return draft_tree, draft_tokens, draft_probs
     device = draft_tokens.device
-    return tree_from_parents(torch.tensor(parents, device=device)), torch.tensor(tokens, device=device)
+    tokens = torch.tensor(tokens, device=device)
+    probs = None
+    if draft_probs is not None:
+        old = torch.tensor(order, device=device)
+        drafted = old < draft_probs.shape[0]
+        point = torch.nn.functional.one_hot(tokens, draft_probs.shape[-1]).to(draft_probs.dtype)
+        probs = torch.where(drafted[:, None], draft_probs[old.clamp(max=draft_probs.shape[0] - 1)], point)
+    return tree_from_parents(torch.tensor(parents, device=device)), tokens, probs

@@ -106,6 +106,20 @@ def warp_logits(
     return scores.softmax(-1)
 
 
+@dataclass(frozen=True)
+class CandidateSampler:
+    """How a drafter draws sampled candidates: the target's warping of its logits and the decode
+    call's generator. The logits processor is left out on purpose: the rejection rule is lossless
+    for any proposal distribution, as long as it is the one the candidate was drawn from."""
+
+    config: SamplingConfig
+    generator: torch.Generator | None = None
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The warped distribution [..., V] (fp32) candidates are drawn from."""
+        return warp_logits(logits, self.config)
+
+
 def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token [...] drawn from each distribution in probs [..., V]."""
     flat = probs.reshape(-1, probs.shape[-1])  # [N, V]

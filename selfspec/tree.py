@@ -54,6 +54,14 @@ class TreeBuffers:
         return int(self.retrieve_paths.shape[1]) - 1
 
     @cached_property
+    def sibling_slots(self) -> torch.Tensor:
+        """[T] int64: each node's place among its siblings in node order (0 for the root and first
+        children). Sampled candidates are drawn in this order (``sample_children``)."""
+        idx = torch.arange(self.size, device=self.parents.device)
+        same_parent = (self.parents[:, None] == self.parents[None, :]) & (idx[None, :] < idx[:, None])
+        return same_parent.sum(1)
+
+    @cached_property
     def level_bounds(self) -> tuple[int, ...]:
         """Where each depth's nodes start, plus T: depth d is nodes ``[d]:[d+1]`` (nodes ordered by
         depth). Computed once per tree object, so static-tree drafting does no host sync per step."""
@@ -390,3 +398,147 @@ class DynamicTree:
     def pool_size(self) -> int:
         """Nodes drafted before selection, root included."""
         return 1 + self.top_k + (self.depth - 1) * self.expand * self.top_k
+
+
+# Sampled candidates (temperature > 0). Lossless rejection sampling over a tree accepts any
+# proposal distribution q, provided each candidate really is drawn from the q it is tried with
+# (``selfspec.accept.sample_accept``). Drawing a node's children from the drafter's warped
+# distribution, siblings without replacement, makes q close to the target's own distribution,
+# which is what keeps tau up at high temperatures where top-k candidates miss. The catch is that a
+# node's existence may not depend on its own value (nor on later siblings' or descendants' values):
+# EAGLE-2's "keep the best nodes of the pool" would keep a sampled token *because* it came out
+# likely, and bias the output. So a sampled tree decides each node's number of children before
+# drawing them, from what is already known (the parent's q and its path score); which drawn nodes
+# get children of their own may depend on their values, as a longer draft may follow a confident
+# token in plain speculative sampling.
+
+
+def sample_without_replacement(
+    probs: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    fallback: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k distinct tokens per row of probs [F, V], in draw order: the first is drawn from the row,
+    each next one from the row without the earlier ones, renormalized (Gumbel top-k, which is
+    exactly that sequential draw). Returns tokens [F, k] and sampled [F, k] bool.
+
+    Where a row has fewer than k tokens of positive probability (top-k / top-p warping, low
+    temperature), the draw ends when they are used up and the remaining slots take deterministic
+    fillers: the best tokens by ``fallback`` scores [F, V] (default: probs) not drawn yet. A filler
+    is tried as a point mass (``sampled`` False), which the rejection rule allows after the
+    sampled siblings.
+    """
+    v = probs.shape[-1]
+    if not 1 <= k <= v:
+        raise ValueError(f"k must be in [1, {v}] (the vocabulary), got {k}")
+    u = torch.rand(probs.shape, generator=generator, device=probs.device).clamp(min=1e-20)
+    keys = torch.where(probs > 0, probs.log() - (-u.log()).log(), -torch.inf)  # log q + Gumbel noise
+    top = keys.topk(k, dim=-1)
+    tokens, sampled = top.indices, top.values > -torch.inf
+    if bool(sampled.all()):
+        return tokens, sampled
+    score = (probs if fallback is None else fallback).float().masked_fill(probs > 0, -torch.inf)
+    fill = score.topk(k, dim=-1).indices  # [F, k] best tokens outside the support, best first
+    # the j-th unsampled slot of a row takes that row's j-th filler
+    nth = (~sampled).long().cumsum(-1) - 1
+    tokens = torch.where(sampled, tokens, fill.gather(1, nth.clamp(min=0)))
+    return tokens, sampled
+
+
+def sample_children(
+    tree: TreeBuffers,
+    lo: int,
+    hi: int,
+    probs: torch.Tensor,
+    first_parent: int,
+    generator: torch.Generator | None = None,
+    fallback: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled tokens of a static tree's nodes ``lo:hi`` (one depth) and the distribution each was
+    drawn from. probs [P, V]: the drafter's distribution at the parents, row r for node
+    ``first_parent + r``; a node with sibling slot j takes its parent's j-th draw without
+    replacement (``sample_without_replacement``; ``fallback`` [P, V] ranks fillers). Returns
+    tokens [hi - lo] and rows [hi - lo, V]: the parent's row, or a point mass for a filler."""
+    parents = tree.parents[lo:hi] - first_parent
+    slots = tree.sibling_slots[lo:hi]
+    drawn, sampled = sample_without_replacement(probs, int(slots.max()) + 1, generator, fallback)
+    tokens, was_sampled = drawn[parents, slots], sampled[parents, slots]
+    point = torch.nn.functional.one_hot(tokens, probs.shape[-1]).to(probs.dtype)
+    return tokens, torch.where(was_sampled[:, None], probs[parents], point)
+
+
+LevelProbs = Callable[[DraftPool, torch.Tensor, int], torch.Tensor]
+"""``level_probs(pool, frontier [F], level) -> probs [F, V] or [V]``: the drafter's warped
+next-token distribution at each frontier node (or one for all, Medusa heads)."""
+
+
+def grow_sampled_tree(
+    root_token: int | torch.Tensor,
+    level_probs: LevelProbs,
+    quotas: Sequence[int],
+    max_children: int,
+    expand: int,
+    generator: torch.Generator | None = None,
+) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
+    """A dynamic tree of sampled candidates: ``quotas[d]`` nodes at depth d + 1.
+
+    Each level first decides how many children every frontier node gets, from what is known before
+    any of them is drawn: slot j of node v is worth v's path score plus the log of the j-th largest
+    probability of v's distribution (at most ``max_children`` slots per node), and the level's
+    quota goes to the best slots. Then each node's children are drawn from its distribution
+    without replacement. The ``expand`` best drawn nodes by path score (the sampled tokens' log-
+    probabilities summed) form the next frontier: deciding who gets children by a node's value is
+    allowed, deciding whether it exists is not (see the comment above).
+
+    Returns the tree, its tokens [T] and the distribution each node was drawn from [T, V] (row 0,
+    the root, is zeros), as ``sample_accept`` takes them.
+    """
+    if max_children < 1 or expand < 1:
+        raise ValueError(f"max_children and expand must be >= 1, got {max_children} and {expand}")
+    pool = DraftPool.root(root_token)
+    frontier = torch.zeros(1, dtype=torch.long, device=pool.tokens.device)
+    rows: list[torch.Tensor] = []
+    for level, quota in enumerate(quotas):
+        q = level_probs(pool, frontier, level)
+        f = frontier.numel()
+        q = q.expand(f, q.shape[-1]) if q.ndim == 1 else q  # [F, V]
+        if not rows:
+            rows.append(q.new_zeros(1, q.shape[-1]))  # the root was not drawn
+        k = min(max_children, q.shape[-1])
+        estimate = pool.scores[frontier][:, None] + q.topk(k, dim=-1).values.float().log()  # [F, k]
+        n = min(int(quota), int(torch.isfinite(estimate).sum()))
+        if n < 1:
+            break
+        best = estimate.flatten().sort(descending=True, stable=True).indices[:n]
+        counts = torch.bincount(best // k, minlength=f)  # [F] children per frontier node
+        has = (counts > 0).nonzero().flatten()
+        m = counts[has]  # [Fh]
+        tokens, _ = sample_without_replacement(q[has], int(m.max()), generator)  # all sampled: m <= support
+        keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < m[:, None]  # [Fh, mmax]
+        parent_slot = torch.arange(has.numel(), device=has.device).repeat_interleave(m)  # [n]
+        child_tokens = tokens[keep]  # [n] node by node, each in draw order
+        logq = q[has][parent_slot].gather(1, child_tokens[:, None]).squeeze(1).float().log()
+        parents = frontier[has][parent_slot]
+        scores = pool.scores[parents] + logq
+        ranks = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)[keep]
+        first = pool.size
+        pool = DraftPool(
+            tokens=torch.cat([pool.tokens, child_tokens]),
+            parents=torch.cat([pool.parents, parents]),
+            scores=torch.cat([pool.scores, scores]),
+            ranks=torch.cat([pool.ranks, ranks]),
+        )
+        rows.append(q[has][parent_slot])
+        frontier = first + scores.sort(descending=True, stable=True).indices[:expand].sort().values
+    if not rows:
+        raise ValueError("quotas is empty: a sampled tree needs at least one level")
+    return tree_from_parents(pool.parents, pool.ranks), pool.tokens, torch.cat(rows)[: pool.size]
+
+
+def level_quotas(acceptance: torch.Tensor, budget: int, depth: int) -> list[int]:
+    """Nodes per depth of a sampled dynamic tree of ``budget`` nodes: the depth profile of the best
+    static tree for ``acceptance`` (``tree_from_acceptance``), at most ``depth`` levels."""
+    tree = tree_from_acceptance(acceptance, budget)
+    sizes = torch.bincount(tree.depths, minlength=depth + 1)[1 : depth + 1].tolist()
+    return [s for s in sizes if s > 0] or [1]

@@ -212,7 +212,7 @@ class OracleDrafter(Drafter):
     def begin(self, max_len):
         return {"root": None}  # reference index of the current root (bonus) token
 
-    def propose(self, state, hidden, next_tokens, tree):
+    def propose(self, state, hidden, next_tokens, tree, sampler=None):
         first = state["root"] is None
         state["root"] = self.prompt_len if first else state["root"] + len(next_tokens)
         tokens = torch.empty(tree.size, dtype=torch.long)
@@ -224,18 +224,35 @@ class OracleDrafter(Drafter):
         return Draft(tree=tree, tokens=tokens)
 
 
-def exact_two_token_probs(model, ids, temperature):
-    """The target's own distribution over the next two tokens [V, V] (warped by temperature)."""
+def exact_two_token_probs(model, ids, temperature, top_p=1.0):
+    """The target's own distribution over the next two tokens [V, V] (warped by temperature and,
+    below 1, nucleus filtering at ``top_p``)."""
+
+    def warp(logits):
+        probs = (logits.double() / temperature).softmax(-1)
+        if top_p < 1:  # keep the most likely tokens until the mass before a token reaches top_p
+            order = probs.sort(dim=-1, descending=True, stable=True)
+            before = order.values.cumsum(-1) - order.values
+            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order.indices, before < top_p)
+            probs = torch.where(keep, probs, 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
     with torch.no_grad():
-        p1 = (model(ids).logits[0, -1].double() / temperature).softmax(-1)  # [V]
+        p1 = warp(model(ids).logits[0, -1])  # [V]
         v = p1.numel()
         seconds = torch.cat([ids.expand(v, -1), torch.arange(v)[:, None]], 1)
-        p2 = (model(seconds).logits[:, -1].double() / temperature).softmax(-1)  # [V, V]
+        p2 = warp(model(seconds).logits[:, -1])  # [V, V]
     return p1[:, None] * p2
 
 
 def chi2_pvalue(counts, probs, min_expected=5.0):
-    """Chi-square goodness of fit, cells with small expected counts merged into one."""
+    """Chi-square goodness of fit, cells with small expected counts merged into one. Cells the
+    distribution rules out must be empty (p-value 0 otherwise) and are left out."""
+    impossible = probs.flatten() == 0
+    if float(counts.flatten()[impossible].sum()) > 0:
+        return 0.0
+    counts, probs = counts.flatten()[~impossible], probs.flatten()[~impossible]
     expected = probs.flatten() * counts.sum()
     big = expected >= min_expected
     obs, exp = counts.flatten()[big], expected[big]

@@ -12,12 +12,19 @@ from hypothesis import strategies as st
 
 from selfspec.tree import (
     DraftPool,
+    build_tree,
     expand_frontier,
+    grow_sampled_tree,
     grow_tree,
+    level_quotas,
     medusa_proposer,
+    prior_acceptance,
+    sample_children,
+    sample_without_replacement,
     select_nodes,
     tree_from_acceptance,
 )
+from tests.helpers import chi2_pvalue
 
 PROPERTY = settings(max_examples=150, deadline=None)
 log = math.log
@@ -265,3 +272,74 @@ def test_grow_tree_checks_arguments(kwargs, match):
 def test_medusa_proposer_checks_shapes():
     with pytest.raises(ValueError, match=r"must both be \[D, K\]"):
         medusa_proposer(torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------- sampled candidates
+
+
+def test_draws_without_replacement_follow_the_sequential_rule():
+    """The ordered pair (first, second draw) has probability q(a) q(b) / (1 - q(a))."""
+    q = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4, 4, dtype=torch.float64)
+    for _ in range(4000):
+        tokens, sampled = sample_without_replacement(q, 2, g)
+        assert bool(sampled.all())
+        counts[tokens[0, 0], tokens[0, 1]] += 1
+    qd = q[0].double()
+    expected = qd[:, None] * qd[None, :] / (1 - qd[:, None])
+    expected.fill_diagonal_(0)
+    assert chi2_pvalue(counts, expected / expected.sum()) > 1e-3
+
+
+def test_draws_past_the_support_take_distinct_fillers_by_the_fallback_scores():
+    q = torch.tensor([[0.0, 0.7, 0.0, 0.3, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    fallback = torch.tensor([[5.0, 4.0, 1.0, 3.0, 2.0], [0.0, 1.0, 9.0, 2.0, 3.0]])
+    tokens, sampled = sample_without_replacement(q, 4, torch.Generator().manual_seed(1), fallback)
+    assert sampled.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert sorted(tokens[0, :2].tolist()) == [1, 3] and tokens[0, 2:].tolist() == [0, 4]
+    assert tokens[1].tolist() == [2, 4, 3, 1]
+    with pytest.raises(ValueError, match="k must be in"):
+        sample_without_replacement(q, 6)
+
+
+def test_sample_children_use_each_parents_draws_in_sibling_order():
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0)])  # depth 2: two children of node 1, one of node 2
+    q = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]])  # rows: nodes 1 and 2
+    lo, hi = tree.level_bounds[2], tree.level_bounds[3]
+    tokens, rows = sample_children(tree, lo, hi, q, tree.level_bounds[1], torch.Generator().manual_seed(0))
+    assert sorted(tokens[:2].tolist()) == [1, 2] and tokens[2].item() == 3
+    assert torch.equal(rows[0], q[0]) and torch.equal(rows[1], q[0]) and torch.equal(rows[2], q[1])
+
+
+def test_sampled_tree_spends_each_levels_quota_before_drawing():
+    vocab = 16
+    g = torch.Generator().manual_seed(3)
+    table = torch.rand(vocab, vocab, generator=g).softmax(-1)  # the next-token distribution after token t
+
+    def level_probs(pool, frontier, level):
+        return table[pool.tokens[frontier]]
+
+    tree, tokens, probs = grow_sampled_tree(torch.tensor(0), level_probs, [3, 4, 2], 3, 2, g)
+    assert torch.bincount(tree.depths).tolist() == [1, 3, 4, 2]
+    for node in range(1, tree.size):  # each node carries the distribution it was drawn from
+        assert torch.equal(probs[node], table[tokens[tree.parents[node]]])
+        siblings = tokens[tree.parents == tree.parents[node]]
+        assert siblings.unique().numel() == siblings.numel()
+    # depth-2 nodes hang below at most `expand` = 2 depth-1 nodes; no node has more than 3 children
+    assert tree.parents[tree.depths == 2].unique().numel() <= 2
+    assert int(tree.num_children.max()) <= 3
+    assert torch.equal(probs[0], torch.zeros(vocab))
+
+
+def test_sampled_tree_stops_where_the_supports_run_out():
+    point = torch.nn.functional.one_hot(torch.tensor(2), 6).float()  # one possible token everywhere
+    tree, tokens, _ = grow_sampled_tree(torch.tensor(0), lambda pool, frontier, level: point, [4, 4], 4, 4)
+    assert torch.bincount(tree.depths).tolist() == [1, 1, 1] and tokens.tolist() == [0, 2, 2]
+
+
+def test_level_quotas_follow_the_best_static_tree():
+    acc = prior_acceptance(4, 4, first=0.7, decay=0.8)
+    quotas = level_quotas(acc, budget=12, depth=4)
+    assert sum(quotas) == 11 and quotas == torch.bincount(tree_from_acceptance(acc, 12).depths)[1:].tolist()
+    assert level_quotas(acc, budget=12, depth=2) == quotas[:2]

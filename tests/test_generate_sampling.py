@@ -265,3 +265,83 @@ def test_auto_tree_cache_key_changes_with_the_cpu_kernel_switches(tiny_models, m
     off = autotune.cache_key(model, drafter)
     monkeypatch.setenv("SELFSPEC_CPU_KERNELS", "0")
     assert len({default, off, autotune.cache_key(model, drafter)}) == 3
+
+
+# ----------------------------------------------------------------------- sampled candidates
+
+
+def _two_token_counts(model, ids, draws, **kwargs):
+    counts = torch.zeros(model.config.vocab_size, model.config.vocab_size, dtype=torch.float64)
+    for seed in range(draws):
+        out = selfspec.generate(model, ids, max_new_tokens=2, seed=seed, eos_token_id=[], **kwargs)
+        a, b = out.sequences[0, ids.shape[1] :].tolist()
+        counts[a, b] += 1
+    return counts
+
+
+SAMPLED_CASES = {
+    # kind, tree, extra generate() arguments
+    "eagle-static": ("eagle", "static", {}),
+    "eagle-dynamic": ("eagle", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {}),
+    "eagle3-dynamic-top-p": ("eagle3", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {"top_p": 0.7}),
+    "medusa-static-top-p": ("medusa", "static", {"top_p": 0.7}),  # small supports: fillers
+    "medusa-dynamic": ("medusa", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {}),
+    "eagle-dynamic-lookup": ("eagle", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {"lookup": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLED_CASES))
+def test_sampled_candidates_follow_the_target_distribution(case):
+    """Candidates drawn from the drafter (static trees, dynamic trees grown by level quotas, Medusa
+    heads, nucleus-filtered supports with fillers, lookup branches merged in): the joint of the
+    first two tokens still matches the target's own distribution (chi-square, significance 0.001)."""
+    kind, tree, extra = SAMPLED_CASES[case]
+    model = make_tiny("llama", vocab=8, seed=31)
+    drafter = randomized(selfspec.new_drafter(kind, model, tree_nodes=5), seed=32, std=0.5)
+    ids = torch.tensor([[1, 3, 5, 1, 3]])  # "1 3" repeats: the lookup has a match to propose
+    exact = exact_two_token_probs(model, ids, temperature=1.0, top_p=extra.get("top_p", 1.0))
+    counts = _two_token_counts(
+        model, ids, 1500, drafter=drafter, tree=tree, temperature=1.0, candidates="sampled", **extra
+    )
+    assert chi2_pvalue(counts, exact) > 1e-3
+
+
+@pytest.mark.parametrize("tree", ["static", DynamicTree(depth=2, top_k=3, expand=2, budget=6)], ids=str)
+def test_siblings_ordered_by_their_value_are_detected(monkeypatch, tree):
+    """Power: siblings drawn without replacement but then put in order of their probability (so
+    the first is the best of several draws, not a draw from q) bias the output, and the test above
+    sees it. (Trying sampled tokens as point masses would not: that is lossless, only slower.)"""
+    import selfspec.tree as tree_module
+
+    real = tree_module.sample_without_replacement
+
+    def best_first(probs, k, generator=None, fallback=None):
+        tokens, sampled = real(probs, k, generator, fallback)
+        order = probs.gather(1, tokens).argsort(dim=1, descending=True, stable=True)
+        return tokens.gather(1, order), sampled.gather(1, order)
+
+    monkeypatch.setattr(tree_module, "sample_without_replacement", best_first)
+    model = make_tiny("llama", vocab=8, seed=31)
+    drafter = randomized(selfspec.new_drafter("eagle", model, tree_nodes=5), seed=32, std=0.5)
+    ids = torch.tensor([[1, 3, 5, 1, 3]])
+    exact = exact_two_token_probs(model, ids, temperature=1.0)
+    counts = _two_token_counts(
+        model, ids, 1500, drafter=drafter, tree=tree, temperature=1.0, candidates="sampled"
+    )
+    assert chi2_pvalue(counts, exact) < 1e-3
+
+
+def test_candidates_argument(tiny_models):
+    from selfspec.decoding import resolve_candidates
+    from selfspec.sampling import SamplingConfig
+
+    warm, greedy = SamplingConfig(temperature=1.0), SamplingConfig()
+    assert resolve_candidates("sampled", greedy) == "top-k"  # a draw from a point mass is its argmax
+    assert resolve_candidates("top-k", warm) == "top-k"
+    assert resolve_candidates("sampled", warm) == "sampled"
+    assert resolve_candidates("auto", warm, "typical") == "top-k"
+    with pytest.raises(ValueError, match="needs acceptance='exact'"):
+        resolve_candidates("sampled", warm, "typical")
+    model, ids = tiny_models("llama"), torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="candidates must be one of"):
+        selfspec.generate(model, ids, temperature=1.0, candidates="random")

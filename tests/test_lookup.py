@@ -103,10 +103,27 @@ def test_merged_tree_has_no_duplicate_paths_and_keeps_both_sources(shape, tokens
 def test_merged_tree_returns_the_draft_unchanged_when_nothing_is_added():
     tree = build_tree([(0,), (1,), (0, 0)])
     tokens = torch.tensor([7, 1, 2, 3])
-    same_tree, same_tokens = merged_tree(tree, tokens, [[1, 3], [2]])
-    assert same_tree is tree and same_tokens is tokens
-    new_tree, new_tokens = merged_tree(tree, tokens, [[1, 3, 4]])
-    assert new_tree.size == 5 and new_tokens.tolist()[-1] == 4
+    same_tree, same_tokens, no_probs = merged_tree(tree, tokens, [[1, 3], [2]])
+    assert same_tree is tree and same_tokens is tokens and no_probs is None
+    new_tree, new_tokens, no_probs = merged_tree(tree, tokens, [[1, 3, 4]])
+    assert new_tree.size == 5 and new_tokens.tolist()[-1] == 4 and no_probs is None
+
+
+def test_merged_tree_carries_sampled_rows_and_gives_added_nodes_point_masses():
+    """With sampled candidates each node keeps the row it was drawn from through the reordering;
+    lookup nodes are point masses and come after the drafted siblings."""
+    tree = build_tree([(0,), (1,), (0, 0)])
+    tokens = torch.tensor([7, 1, 2, 3])
+    probs = torch.rand(4, 9)
+    new_tree, new_tokens, new_probs = merged_tree(tree, tokens, [[5, 6], [2, 8]], probs)
+    for node in range(1, 4):  # the drafted nodes: found by their (unique) tokens
+        j = new_tokens.tolist().index(tokens[node].item())
+        assert torch.equal(new_probs[j], probs[node])
+    for tok in (5, 6, 8):
+        j = new_tokens.tolist().index(tok)
+        assert torch.equal(new_probs[j], torch.nn.functional.one_hot(torch.tensor(tok), 9).float())
+    root_children = (new_tree.parents == 0).nonzero().flatten().tolist()
+    assert [new_tokens[j].item() for j in root_children] == [1, 2, 5]  # drafted first
 
 
 def test_branch_length_follows_acceptance():

@@ -40,7 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from selfspec.io import replace_dir, temp_dir_beside
-from selfspec.tree import TreeBuffers, build_tree
+from selfspec.sampling import CandidateSampler
+from selfspec.tree import TreeBuffers, build_tree, prior_acceptance
 
 FORMAT_VERSION = 1
 # Config keys renamed since format 1 was first written (old -> new); files with the old name load.
@@ -114,6 +115,9 @@ class Draft:
 
     tree: TreeBuffers
     tokens: torch.Tensor  # [T] int64
+    # [T, V] fp32, the distribution each node's token was drawn from (sampled candidates; row 0,
+    # the root, unused); None: deterministic candidates (top-k), tried as point masses
+    probs: torch.Tensor | None = None
 
 
 class VocabProjection(nn.Module):
@@ -208,9 +212,32 @@ class Drafter(nn.Module):
         return None
 
     def propose(
-        self, state: Any, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers
+        self,
+        state: Any,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        tree: TreeBuffers,
+        sampler: CandidateSampler | None = None,
     ) -> Draft:
+        """One step's draft. ``sampler`` None: each node takes the drafter's top candidate of its
+        rank; given: candidates are drawn from the drafter's warped distribution (siblings without
+        replacement) and ``Draft.probs`` says what each was drawn from."""
         raise NotImplementedError
+
+    def candidate_distribution(
+        self, h: torch.Tensor, sampler: CandidateSampler
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows h [N, H]: the warped distribution [N, V] candidates are drawn from and the raw
+        logits [N, V] (fp32, -inf outside a reduced draft vocabulary) that rank fillers."""
+        logits = self.lm_head(h).float()
+        return sampler.probs(logits), logits
+
+    def acceptance_matrix(self, depth: int, top_k: int) -> torch.Tensor:
+        """[depth, top_k] acceptance by depth and rank: the calibrated one (``config.acceptance``)
+        or a prior; it shapes trees (``tree='auto'``, sampled dynamic trees)."""
+        if self.config.acceptance:
+            return torch.tensor(self.config.acceptance, dtype=torch.float64)
+        return prior_acceptance(depth, top_k, first=0.6, decay=0.8)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] logits over the target vocabulary (-inf outside a reduced draft vocabulary)."""

@@ -30,12 +30,16 @@ from torch.nn import functional as F
 from selfspec.attention import offset_causal_mask
 from selfspec.cache import KVStore
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
+from selfspec.sampling import CandidateSampler
 from selfspec.tree import (
     DraftPool,
     DynamicTree,
     TreeBuffers,
+    grow_sampled_tree,
     grow_tree,
+    level_quotas,
     prior_acceptance,
+    sample_children,
     tree_from_acceptance,
 )
 
@@ -235,27 +239,49 @@ class EagleDrafter(Drafter):
         return self.step(self.step_input(self.lift(hidden), next_tokens), positions)
 
     def propose(
-        self, state: KVStore, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers | DynamicTree
+        self,
+        state: KVStore,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        tree: TreeBuffers | DynamicTree,
+        sampler: CandidateSampler | None = None,
     ) -> Draft:
         n = hidden.shape[0]
         positions = torch.arange(state.length, state.length + n, device=hidden.device)
         feats = self.step(self.step_input(self.lift(hidden), next_tokens), positions, state)  # [n, H]
         state.commit(torch.arange(n))
         if isinstance(tree, DynamicTree):
-            return self._draft_dynamic(state, feats[-1], next_tokens[-1], tree)
-        return self._draft_tree(state, feats[-1], next_tokens[-1], tree)
+            return self._draft_dynamic(state, feats[-1], next_tokens[-1], tree, sampler)
+        return self._draft_tree(state, feats[-1], next_tokens[-1], tree, sampler)
 
     def _draft_dynamic(
-        self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, spec: DynamicTree
+        self,
+        state: KVStore,
+        root_feat: torch.Tensor,
+        root_token: torch.Tensor,
+        spec: DynamicTree,
+        sampler: CandidateSampler | None,
     ) -> Draft:
-        """EAGLE-2: expand the most confident nodes level by level, verify the best ``budget``."""
-        tree, tokens = grow_tree(
-            root_token, _DynamicExpander(self, state, root_feat, spec), spec.depth, spec.expand, spec.budget
+        """EAGLE-2: expand the most confident nodes level by level, verify the best ``budget``.
+        Sampled: each level's node quota (the calibrated tree's depth profile) is spread over the
+        frontier before its children are drawn (``grow_sampled_tree``)."""
+        expander = _DynamicExpander(self, state, root_feat, spec)
+        if sampler is None:
+            tree, tokens = grow_tree(root_token, expander, spec.depth, spec.expand, spec.budget)
+            return Draft(tree=tree, tokens=tokens)
+        quotas = level_quotas(self.acceptance_matrix(spec.depth, spec.top_k), spec.budget, spec.depth)
+        tree, tokens, probs = grow_sampled_tree(
+            root_token, expander.sampled(sampler), quotas, spec.top_k, spec.expand, sampler.generator
         )
-        return Draft(tree=tree, tokens=tokens)
+        return Draft(tree=tree, tokens=tokens, probs=probs)
 
     def _draft_tree(
-        self, state: KVStore, root_feat: torch.Tensor, root_token: torch.Tensor, tree: TreeBuffers
+        self,
+        state: KVStore,
+        root_feat: torch.Tensor,
+        root_token: torch.Tensor,
+        tree: TreeBuffers,
+        sampler: CandidateSampler | None = None,
     ) -> Draft:
         """Fill the tree depth by depth; nodes must be ordered by depth (build_tree does so)."""
         t = tree.size
@@ -263,13 +289,22 @@ class EagleDrafter(Drafter):
         feats[0] = root_feat
         tokens = torch.empty(t, dtype=torch.long, device=root_feat.device)
         tokens[0] = root_token
+        probs = (
+            None if sampler is None else root_feat.new_zeros(t, self.config.vocab_size, dtype=torch.float32)
+        )
         bounds = tree.level_bounds  # nodes of depth d: bounds[d]:bounds[d+1]
         base = state.length - 1  # position of the root (the bonus token's pair)
         for d in range(1, len(bounds) - 1):
             lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
             parents = tree.parents[lo:hi]
-            top = self.top_candidates(feats[plo:lo], t)[1]  # [n_{d-1}, t] token ids, best first
-            tokens[lo:hi] = top[parents - plo, tree.ranks[lo:hi]]
+            if sampler is None:
+                top = self.top_candidates(feats[plo:lo], t)[1]  # [n_{d-1}, t] token ids, best first
+                tokens[lo:hi] = top[parents - plo, tree.ranks[lo:hi]]
+            else:
+                q, logits = self.candidate_distribution(feats[plo:lo], sampler)  # [n_{d-1}, V]
+                tokens[lo:hi], probs[lo:hi] = sample_children(
+                    tree, lo, hi, q, plo, sampler.generator, fallback=logits
+                )
             if hi < t:  # deeper nodes need these nodes' features
                 mask = torch.cat(
                     [tree.ancestor_mask.new_ones(hi - lo, state.length), tree.ancestor_mask[lo:hi, 1:hi]], 1
@@ -277,7 +312,7 @@ class EagleDrafter(Drafter):
                 x = self.step_input(feats[parents], tokens[lo:hi])
                 pos = torch.full((hi - lo,), base + d, device=x.device)
                 feats[lo:hi] = self.step(x, pos, state, offset=lo - 1, mask=mask)
-        return Draft(tree=tree, tokens=tokens)
+        return Draft(tree=tree, tokens=tokens, probs=probs)
 
 
 class Eagle3Drafter(EagleDrafter):
@@ -320,7 +355,7 @@ class _DynamicExpander:
 
     def __init__(self, drafter: EagleDrafter, state: KVStore, root_feat: torch.Tensor, spec: DynamicTree):
         self.d, self.state, self.spec = drafter, state, spec
-        n = spec.pool_size
+        n = max(spec.pool_size, spec.budget)  # a sampled tree's pool is at most its budget
         self.feats = root_feat.new_zeros(n, root_feat.shape[-1])  # [N, H] predicted feature per pool node
         self.feats[0] = root_feat
         self.row = torch.full((n,), -1, dtype=torch.long, device=root_feat.device)  # pool node -> KV row
@@ -334,6 +369,16 @@ class _DynamicExpander:
         if level > 0:
             self._forward(pool, frontier, level)
         return self.d.top_candidates(self.feats[frontier], self.spec.top_k)  # [F, K] each
+
+    def sampled(self, sampler: CandidateSampler):
+        """The ``LevelProbs`` of a sampled tree: the drafter's warped distribution at the frontier."""
+
+        def level_probs(pool: DraftPool, frontier: torch.Tensor, level: int) -> torch.Tensor:
+            if level > 0:
+                self._forward(pool, frontier, level)
+            return self.d.candidate_distribution(self.feats[frontier], sampler)[0]  # [F, V]
+
+        return level_probs
 
     def _forward(self, pool: DraftPool, frontier: torch.Tensor, level: int) -> None:
         f, parents = frontier.numel(), pool.parents[frontier]

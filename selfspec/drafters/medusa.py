@@ -17,12 +17,16 @@ import torch
 from torch import nn
 
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
+from selfspec.sampling import CandidateSampler
 from selfspec.tree import (
     DynamicTree,
     TreeBuffers,
+    grow_sampled_tree,
     grow_tree,
+    level_quotas,
     medusa_proposer,
     prior_acceptance,
+    sample_children,
     tree_from_acceptance,
 )
 
@@ -78,21 +82,70 @@ class MedusaDrafter(Drafter):
         return torch.stack([head(hidden) for head in self.heads], dim=1)
 
     def propose(
-        self, state: Any, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TreeBuffers | DynamicTree
+        self,
+        state: Any,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        tree: TreeBuffers | DynamicTree,
+        sampler: CandidateSampler | None = None,
     ) -> Draft:
         if isinstance(tree, DynamicTree):
-            return self._propose_dynamic(hidden, next_tokens, tree)
+            return self._propose_dynamic(hidden, next_tokens, tree, sampler)
         if tree.max_depth > len(self.heads):
             raise ValueError(f"tree depth {tree.max_depth} exceeds the {len(self.heads)} Medusa heads")
         depth = max(tree.max_depth, 1)
+        if sampler is not None:
+            return self._sample_tree(hidden, next_tokens, tree, depth, sampler)
         top = self.top_candidates(self.depth_states(hidden[-1:])[0, :depth], tree.size)[1]  # [D, T] token ids
         tokens = top[(tree.depths - 1).clamp(min=0), tree.ranks.clamp(min=0)]  # [T]
         tokens[0] = next_tokens[-1]
         return Draft(tree=tree, tokens=tokens)
 
-    def _propose_dynamic(self, hidden: torch.Tensor, next_tokens: torch.Tensor, spec: DynamicTree) -> Draft:
-        """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a depth)."""
+    def _sample_tree(
+        self,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        tree: TreeBuffers,
+        depth: int,
+        sampler: CandidateSampler,
+    ) -> Draft:
+        """Static tree, sampled candidates: each node's children are drawn from head d's warped
+        distribution (the same for every node of a depth), siblings without replacement."""
+        q, logits = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)  # [D, V]
+        tokens = next_tokens[-1:].new_empty(tree.size)
+        tokens[0] = next_tokens[-1]
+        probs = q.new_zeros(tree.size, q.shape[-1])
+        bounds = tree.level_bounds
+        for d in range(1, len(bounds) - 1):
+            lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
+            n = lo - plo  # parents' depth d - 1 nodes, each drawing its own children
+            tokens[lo:hi], probs[lo:hi] = sample_children(
+                tree, lo, hi, q[d - 1].expand(n, -1), plo, sampler.generator, logits[d - 1].expand(n, -1)
+            )
+        return Draft(tree=tree, tokens=tokens, probs=probs)
+
+    def _propose_dynamic(
+        self,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        spec: DynamicTree,
+        sampler: CandidateSampler | None,
+    ) -> Draft:
+        """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a
+        depth); sampled: ``grow_sampled_tree`` with each head's warped distribution."""
         depth = min(spec.depth, len(self.heads))
+        if sampler is not None:
+            q = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)[0]  # [D, V]
+            quotas = level_quotas(self.acceptance_matrix(depth, spec.top_k), spec.budget, depth)
+            tree, tokens, probs = grow_sampled_tree(
+                next_tokens[-1],
+                lambda pool, frontier, level: q[level],
+                quotas,
+                spec.top_k,
+                spec.expand,
+                sampler.generator,
+            )
+            return Draft(tree=tree, tokens=tokens, probs=probs)
         logprobs, ids = self.top_candidates(
             self.depth_states(hidden[-1:])[0, :depth], spec.top_k
         )  # [D, K] each
