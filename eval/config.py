@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfspec.options import TREE_HELP, VERIFY_HELP, parse_tree
+from selfspec.options import CANDIDATES_HELP, TREE_HELP, VERIFY_HELP, parse_tree
 from selfspec.tracking import MODES
 
 METHODS = ("hf", "pld", "assisted", "engine", "selfspec", "lookup", "selfspec+lookup", "vllm", "vllm+drafter")
@@ -70,6 +70,12 @@ class EvalConfig:
     )
     verify: str = field(
         default="exact", metadata=_m("for the selfspec methods: " + VERIFY_HELP, choices=("exact", "batched"))
+    )
+    candidates: str = field(
+        default="auto",
+        metadata=_m(
+            "for the selfspec drafter methods: " + CANDIDATES_HELP, choices=("auto", "top-k", "sampled")
+        ),
     )
     turns: str = field(
         default="first",

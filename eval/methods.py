@@ -93,9 +93,11 @@ class SelfspecMethod:
         acceptance: str = "exact",
         verify: str = "exact",
         lookup: Any = None,
+        candidates: str = "auto",
     ):
         self.name, self.model, self.drafter = name, model, drafter
         self.tree, self.acceptance, self.verify, self.lookup = tree, acceptance, verify, lookup
+        self.candidates = candidates
 
     def generate(
         self, ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig, streamer: Any
@@ -113,6 +115,7 @@ class SelfspecMethod:
             tree=self.tree,
             acceptance=self.acceptance,
             verify=self.verify,
+            candidates=self.candidates,
             **({"lookup": self.lookup} if self.lookup is not None else {}),
             **selfspec_kwargs(sampling),
         )
@@ -194,8 +197,9 @@ def build_methods(
     verify: str = "exact",
     lookup: Any = None,
     vllm: dict[str, Any] | None = None,
+    candidates: str = "auto",
 ) -> dict[str, Any]:
-    """name -> method object, in the order given. ``tree``/``acceptance``/``verify`` apply to the
+    """name -> method object, in the order given. ``tree``/``acceptance``/``verify``/``candidates`` apply to the
     drafter methods; ``lookup`` (a ``selfspec.lookup.Lookup``, default settings if None) to the
     lookup methods; ``vllm`` (see ``vllm_methods``) to the vllm methods."""
     from selfspec.lookup import Lookup
@@ -226,7 +230,9 @@ def build_methods(
                     f"method '{name}' needs a drafter; pass --drafter DIR or drop it from --methods"
                 )
             extra = lookup if name == "selfspec+lookup" else None
-            out[name] = SelfspecMethod(name, model, drafter, tree, acceptance, verify, lookup=extra)
+            out[name] = SelfspecMethod(
+                name, model, drafter, tree, acceptance, verify, lookup=extra, candidates=candidates
+            )
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return out

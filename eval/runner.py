@@ -89,6 +89,7 @@ def load(config: EvalConfig) -> Context:
         tree=config.tree,
         acceptance=config.acceptance,
         verify=config.verify,
+        candidates=config.candidates,
         lookup=Lookup(max_len=config.lookup_len),
         vllm={
             "python": config.vllm_python,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from selfspec.options import (
+    CANDIDATES_HELP,
     COMMANDS,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -113,6 +114,12 @@ def add_decoding_args(p: argparse.ArgumentParser, tree_default: str = "static") 
         help="'exact' is lossless; 'typical' (Medusa) accepts more but is lossy (default: %(default)s)",
     )
     p.add_argument(
+        "--candidates",
+        choices=["auto", "top-k", "sampled"],
+        default="auto",
+        help=CANDIDATES_HELP + " (default: %(default)s)",
+    )
+    p.add_argument(
         "--verify",
         choices=["exact", "batched"],
         default="exact",
@@ -167,6 +174,7 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tree": tree,
         "acceptance": args.acceptance,
         "verify": args.verify,
+        "candidates": args.candidates,
     }
 
 

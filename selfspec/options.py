@@ -38,6 +38,12 @@ class UsageError(ValueError):
 
 
 VERIFY_HELP = "'exact' (default): every tree node computes bitwise what a one-token step computes, so greedy output is bitwise the model's own in any dtype; 'batched': one masked pass per tree, cheaper on a CPU, equal to plain decoding only up to floating-point near-ties"
+CANDIDATES_HELP = (
+    "how the drafter proposes when sampling (temperature > 0): 'top-k' (its most likely tokens), "
+    "'sampled' (drawn from its distribution, warped as the model's; keeps more tokens per step at "
+    "high temperatures) or 'auto' (the one measured better at the temperature); lossless either "
+    "way, and greedy decoding always uses top-k"
+)
 TREE_HELP = (
     "draft tree: 'static' (the drafter's calibrated tree), 'dynamic' (grown each step from the "
     "drafter's confidence), N (dynamic with N nodes; 1 = no drafting), or 'auto' (the size measured "
