@@ -120,3 +120,13 @@ def test_data_pipeline_smoke(tmp_path):
         assert s["distill_tok_s"]["median"] > 0 and s["capture_tok_s"]["median"] > 0
         assert s["check_prompts"] == 1
     assert record["summary"]["float32 b2"]["distill_tok_s_vs_fp32"]["median"] == 1.0
+
+
+def test_candidates_smoke(tmp_path):
+    out = tmp_path / "candidates_smoke.json"
+    run(
+        "bench_candidates.py", "--temperatures", "1.0", "--trees", "static", "--seeds", "1", "--out", str(out)
+    )
+    record = json.loads(out.read_text())
+    assert set(record["summary"]) == {"T=1.0 tree=static top-k", "T=1.0 tree=static sampled"}
+    assert all(s["tau"] >= 1 for s in record["summary"].values())
