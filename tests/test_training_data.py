@@ -142,6 +142,18 @@ def test_sampling_per_source_and_mixing_is_seeded(tmp_path):
     assert len(first) == 10 and [r.used for r in reports] == [5, 5]
 
 
+def test_duplicate_prompts_across_sources_are_kept_once_and_reported(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Name a  color."}, {"prompt": "add 2 and 3"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "name a color."}, {"prompt": "spell cat"}])
+    examples, reports = load_all(DataConfig(sources=[str(a), str(b)], cache_dir=str(tmp_path / "hf")))
+    assert sorted(e.id for e in examples) == ["a:0", "a:1", "b:1"]  # whitespace and case do not count
+    assert [r.used for r in reports] == [2, 1] and reports[1].skipped == {data.DUPLICATE: 1}
+    assert "1 duplicate prompt" in reports[1].summary()
+    assert data.mix(examples) == {"a": 2, "b": 1}
+    line = data.mix_summary(examples[:2], examples[2:])
+    assert line.startswith("data mix: 2 training prompts") and "held out" in line
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [

@@ -171,6 +171,10 @@ def test_train_with_self_prompts_end_to_end(chatty_target_dir, tmp_path, capsys,
     reports = {r["source"]: r for r in summary["data"]}
     assert reports["--self-prompts 6"]["rows"] == 6 and reports["--self-prompts 6"]["used"] >= 1
     assert summary["distill"]["requested"] == 8 + reports["--self-prompts 6"]["used"]
+    assert (
+        sum(summary["mix"]["train"].values()) + sum(summary["mix"]["held_out"].values())
+        == (summary["distill"]["requested"])
+    )
     assert "self-prompts" in capsys.readouterr().out
 
 

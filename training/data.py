@@ -64,6 +64,7 @@ class DataReport:
     rows: int = 0
     used: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason -> rows
+    name: str = ""  # the prefix of its examples' ids ("<name>:<row>")
 
     def summary(self) -> str:
         why = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
@@ -191,7 +192,7 @@ def load_examples(source: str, config: DataConfig, seed: int = 0) -> tuple[list[
     table = open_source(source, config.split, config.cache_dir)
     fmt = detect_format(table.column_names) if config.format == "auto" else config.format
     name = Path(source).stem if Path(source).expanduser().exists() else source
-    report = DataReport(source=source, format=fmt, rows=len(table))
+    report = DataReport(source=source, format=fmt, rows=len(table), name=name)
     order = list(range(len(table)))
     if config.max_per_source and config.max_per_source < len(order):
         order = sorted(random.Random(seed).sample(order, config.max_per_source))
@@ -233,8 +234,53 @@ def load_all(config: DataConfig, seed: int = 0) -> tuple[list[Example], list[Dat
         found, report = load_examples(source, config, seed)
         examples += found
         reports.append(report)
+    examples = dedupe(examples, reports)
     random.Random(seed).shuffle(examples)
     return examples, reports
+
+
+DUPLICATE = "duplicate prompt"
+
+
+def source_name(example: Example) -> str:
+    """The data source an example came from (the prefix of its id)."""
+    return example.id.rsplit(":", 1)[0]
+
+
+def dedupe(examples: list[Example], reports: list[DataReport]) -> list[Example]:
+    """``examples`` without the ones whose prompt (every message, with whitespace runs and case
+    folded) repeats an earlier one; the first occurrence is kept, and each dropped example is
+    counted in its source's report (skipped: "duplicate prompt"). The same question in two files,
+    or a self-written prompt a file already has, is distilled and trained on once."""
+    by_name = {r.name: r for r in reports}
+    seen: set[tuple] = set()
+    kept = []
+    for e in examples:
+        key = tuple((role, " ".join(content.split()).casefold()) for role, content in e.messages)
+        if key in seen:
+            report = by_name.get(source_name(e))
+            if report is not None:
+                report.skipped[DUPLICATE] += 1
+                report.used -= 1
+            continue
+        seen.add(key)
+        kept.append(e)
+    return kept
+
+
+def mix(examples: list[Example]) -> dict[str, int]:
+    """Examples per source, largest first: what a run actually trains (or holds out) on."""
+    return dict(Counter(source_name(e) for e in examples).most_common())
+
+
+def mix_summary(train: list[Example], held_out: list[Example]) -> str:
+    held = mix(held_out)
+    total = max(len(train), 1)
+    parts = [
+        f"{name} {n} ({100 * n / total:.0f}%) + {held.get(name, 0)} held out"
+        for name, n in mix(train).items()
+    ]
+    return f"data mix: {len(train)} training prompts: " + ", ".join(parts)
 
 
 def split_held_out(examples: list[Example], count: int) -> tuple[list[Example], list[Example]]:

@@ -31,7 +31,7 @@ from selfspec.training.budget import Rates, parse_duration
 from selfspec.training.budget import plan as budget_plan
 from selfspec.training.calibration import calibrate
 from selfspec.training.config import FeatureConfig, Settings
-from selfspec.training.data import load_all, split_held_out
+from selfspec.training.data import dedupe, load_all, mix, mix_summary, split_held_out
 from selfspec.training.distillation import distill, read_responses, sequences
 from selfspec.training.self_prompts import write_prompts
 from selfspec.training.trainer import Trainer, measure_tau
@@ -191,7 +191,7 @@ def _stage_data(
             seed=s.train.seed,
             dist=dist,
         )
-        examples, reports = examples + written, reports + [report]
+        examples, reports = dedupe(examples + written, reports + [report]), reports + [report]
         random.Random(s.train.seed).shuffle(examples)  # held-out examples come from every source
     for r in reports:
         _say(dist, r.summary())
@@ -207,6 +207,7 @@ def _stage_data(
         )
         s.train.steps = planned["steps"]
         _say(dist, planned["summary"])
+    _say(dist, mix_summary(train_ex, held_ex))
     records, dreport = distill(model, tokenizer, train_ex + held_ex, work / "distill", s.distill, dist)
     _say(dist, dreport.summary())
     held_ids = {e.id for e in held_ex}
@@ -235,6 +236,7 @@ def _stage_data(
         "tau_prompts": [r["prompt_ids"] for r in records if r["id"] in held_ids],
         "reports": {
             "data": [dataclasses.asdict(r) | {"skipped": dict(r.skipped)} for r in reports],
+            "mix": {"train": mix(train_ex), "held_out": mix(held_ex)},
             **{k: v | {"runs": history[k]} for k, v in stage_reports.items()},
             **({"time_budget": planned} if planned else {}),
         },

@@ -127,7 +127,7 @@ def _generate(
 def usable(records: dict[str, dict[str, Any]], count: int) -> tuple[list[Example], DataReport]:
     """The kept prompts of attempts 0..count-1 as examples, and the count dropped by reason."""
     report, seen, examples = (
-        DataReport(source=f"--self-prompts {count}", format="written by the target"),
+        DataReport(source=f"--self-prompts {count}", format="written by the target", name=SOURCE),
         set(),
         [],
     )
