@@ -1,10 +1,13 @@
-"""Mean accepted length (tau) of one or more drafters on MT-bench first turns, greedy.
+"""Mean accepted length (tau) of one or more drafters on MT-bench-format first turns.
 
-Greedy decoding is deterministic, so tau needs one run per drafter, tree and question; timings are
-not taken (use ``selfspec eval`` or ``bench_tree_budget.py`` for speed). tau here is new tokens
-per verify step.
+Greedy by default: deterministic, so tau needs one run per drafter, tree and question. With
+``--temperature`` > 0 every question is decoded with ``--seeds`` seeds (0, 1, ...), the same for
+every drafter and tree. Timings are not taken (use ``selfspec eval`` or ``bench_tree_budget.py``
+for speed). tau here is new tokens per verify step.
 
     python benchmarks/tau_mtbench.py --trees static,dynamic --per-category 1 default DRAFTER_DIR ...
+    python benchmarks/tau_mtbench.py --questions ../shared/data/eval/gsm8k.jsonl --per-category 8 default
+    python benchmarks/tau_mtbench.py --temperature 1.0 --candidates sampled --seeds 2 default
 """
 
 from __future__ import annotations
@@ -36,8 +39,19 @@ def main():
     ap.add_argument(
         "--new-tokens", type=int, default=128, help="new tokens per question (default: %(default)s)"
     )
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    ap.add_argument(
+        "--candidates",
+        default="auto",
+        choices=["auto", "top-k", "sampled"],
+        help="see selfspec generate --help",
+    )
+    ap.add_argument(
+        "--seeds", type=int, default=1, help="seeds per question when sampling (default: %(default)s)"
+    )
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
+    seeds = range(args.seeds) if args.temperature > 0 else [None]
     torch.set_num_threads(1)
     model, tok = selfspec.load_target("default")
     qs = load_questions([str(args.questions)], None, args.per_category)
@@ -49,8 +63,18 @@ def main():
             arg = int(tree) if tree.isdigit() else tree
             taus = []
             for ids in prompts:
-                r = selfspec.generate(model, ids, drafter=drafter, max_new_tokens=args.new_tokens, tree=arg)
-                taus.append(r.stats.new_tokens / max(r.stats.steps, 1))
+                for seed in seeds:
+                    r = selfspec.generate(
+                        model,
+                        ids,
+                        drafter=drafter,
+                        max_new_tokens=args.new_tokens,
+                        tree=arg,
+                        temperature=args.temperature,
+                        seed=seed,
+                        candidates=args.candidates,
+                    )
+                    taus.append(r.stats.new_tokens / max(r.stats.steps, 1))
             results[f"{path}|{tree}"] = {"mean": statistics.mean(taus), "per_question": taus}
             print(
                 f"{path} tree={tree}: tau {statistics.mean(taus):.3f} {[round(t, 2) for t in taus]}",
@@ -62,7 +86,11 @@ def main():
                 {
                     "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "questions": [q.key for q in qs],
+                    "question_file": str(args.questions),
                     "new_tokens": args.new_tokens,
+                    "temperature": args.temperature,
+                    "candidates": args.candidates,
+                    "seeds": args.seeds,
                     "results": results,
                 },
                 indent=2,

@@ -454,18 +454,36 @@ def sample_children(
     first_parent: int,
     generator: torch.Generator | None = None,
     fallback: torch.Tensor | None = None,
+    vocab: DraftVocab | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled tokens of a static tree's nodes ``lo:hi`` (one depth) and the distribution each was
-    drawn from. probs [P, V]: the drafter's distribution at the parents, row r for node
+    drawn from. probs [P, Vd]: the drafter's distribution at the parents, row r for node
     ``first_parent + r``; a node with sibling slot j takes its parent's j-th draw without
-    replacement (``sample_without_replacement``; ``fallback`` [P, V] ranks fillers). Returns
-    tokens [hi - lo] and rows [hi - lo, V]: the parent's row, or a point mass for a filler."""
+    replacement (``sample_without_replacement``; ``fallback`` [P, Vd] ranks fillers). Returns
+    target tokens [hi - lo] and rows [hi - lo, V]: the parent's row, or a point mass for a filler
+    (``vocab`` maps a reduced draft vocabulary's columns to the target's)."""
     parents = tree.parents[lo:hi] - first_parent
     slots = tree.sibling_slots[lo:hi]
     drawn, sampled = sample_without_replacement(probs, int(slots.max()) + 1, generator, fallback)
     tokens, was_sampled = drawn[parents, slots], sampled[parents, slots]
     point = torch.nn.functional.one_hot(tokens, probs.shape[-1]).to(probs.dtype)
-    return tokens, torch.where(was_sampled[:, None], probs[parents], point)
+    rows = torch.where(was_sampled[:, None], probs[parents], point)
+    return (tokens, rows) if vocab is None else (vocab.ids[tokens], vocab.rows(rows))
+
+
+@dataclass(frozen=True)
+class DraftVocab:
+    """A reduced draft vocabulary: column j of a drafter distribution is target token ``ids[j]``.
+    Sampling works on the Vd draft columns (6x less than 49k for the default drafter) and only
+    the rows handed to the rejection rule are spread over the target's ``size`` tokens."""
+
+    ids: torch.Tensor  # [Vd] int64 target ids
+    size: int  # the target vocabulary V
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, Vd] -> [n, V], zeros outside the draft vocabulary."""
+        full = rows.new_zeros(rows.shape[0], self.size)
+        return full.scatter_(1, self.ids.expand(rows.shape[0], -1), rows)
 
 
 LevelProbs = Callable[[DraftPool, torch.Tensor, int], torch.Tensor]
@@ -480,6 +498,7 @@ def grow_sampled_tree(
     max_children: int,
     expand: int,
     generator: torch.Generator | None = None,
+    vocab: DraftVocab | None = None,
 ) -> tuple[TreeBuffers, torch.Tensor, torch.Tensor]:
     """A dynamic tree of sampled candidates: ``quotas[d]`` nodes at depth d + 1.
 
@@ -492,7 +511,9 @@ def grow_sampled_tree(
     allowed, deciding whether it exists is not (see the comment above).
 
     Returns the tree, its tokens [T] and the distribution each node was drawn from [T, V] (row 0,
-    the root, is zeros), as ``sample_accept`` takes them.
+    the root, is zeros), as ``sample_accept`` takes them. With ``vocab`` the distributions are
+    over a reduced draft vocabulary (columns ``vocab.ids``); tokens and rows come back in the
+    target's.
     """
     if max_children < 1 or expand < 1:
         raise ValueError(f"max_children and expand must be >= 1, got {max_children} and {expand}")
@@ -517,8 +538,9 @@ def grow_sampled_tree(
         tokens, _ = sample_without_replacement(q[has], int(m.max()), generator)  # all sampled: m <= support
         keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < m[:, None]  # [Fh, mmax]
         parent_slot = torch.arange(has.numel(), device=has.device).repeat_interleave(m)  # [n]
-        child_tokens = tokens[keep]  # [n] node by node, each in draw order
+        child_tokens = tokens[keep]  # [n] node by node, each in draw order (draft vocabulary)
         logq = q[has][parent_slot].gather(1, child_tokens[:, None]).squeeze(1).float().log()
+        child_tokens = child_tokens if vocab is None else vocab.ids[child_tokens]
         parents = frontier[has][parent_slot]
         scores = pool.scores[parents] + logq
         ranks = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)[keep]
@@ -533,7 +555,12 @@ def grow_sampled_tree(
         frontier = first + scores.sort(descending=True, stable=True).indices[:expand].sort().values
     if not rows:
         raise ValueError("quotas is empty: a sampled tree needs at least one level")
-    return tree_from_parents(pool.parents, pool.ranks), pool.tokens, torch.cat(rows)[: pool.size]
+    probs = torch.cat(rows)[: pool.size]
+    return (
+        tree_from_parents(pool.parents, pool.ranks),
+        pool.tokens,
+        probs if vocab is None else vocab.rows(probs),
+    )
 
 
 def level_quotas(acceptance: torch.Tensor, budget: int, depth: int) -> list[int]:

@@ -287,6 +287,8 @@ SAMPLED_CASES = {
     "medusa-static-top-p": ("medusa", "static", {"top_p": 0.7}),  # small supports: fillers
     "medusa-dynamic": ("medusa", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {}),
     "eagle-dynamic-lookup": ("eagle", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {"lookup": True}),
+    "eagle3-static-draft-vocab": ("eagle3", "static", {}),  # 5 of the 8 tokens: rows spread back
+    "medusa-dynamic-draft-vocab": ("medusa", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {}),
 }
 
 
@@ -297,7 +299,11 @@ def test_sampled_candidates_follow_the_target_distribution(case):
     first two tokens still matches the target's own distribution (chi-square, significance 0.001)."""
     kind, tree, extra = SAMPLED_CASES[case]
     model = make_tiny("llama", vocab=8, seed=31)
-    drafter = randomized(selfspec.new_drafter(kind, model, tree_nodes=5), seed=32, std=0.5)
+    reduced = case.endswith("draft-vocab")
+    drafter = selfspec.new_drafter(kind, model, tree_nodes=5, draft_vocab_size=5 if reduced else 0)
+    if reduced:
+        drafter.set_draft_vocab(torch.tensor([6, 0, 2, 3, 5]))
+    drafter = randomized(drafter, seed=32, std=0.5)
     ids = torch.tensor([[1, 3, 5, 1, 3]])  # "1 3" repeats: the lookup has a match to propose
     exact = exact_two_token_probs(model, ids, temperature=1.0, top_p=extra.get("top_p", 1.0))
     counts = _two_token_counts(

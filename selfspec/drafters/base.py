@@ -41,7 +41,7 @@ from torch import nn
 
 from selfspec.io import replace_dir, temp_dir_beside
 from selfspec.sampling import CandidateSampler
-from selfspec.tree import TreeBuffers, build_tree, prior_acceptance
+from selfspec.tree import DraftVocab, TreeBuffers, build_tree, prior_acceptance
 
 FORMAT_VERSION = 1
 # Config keys renamed since format 1 was first written (old -> new); files with the old name load.
@@ -227,10 +227,19 @@ class Drafter(nn.Module):
     def candidate_distribution(
         self, h: torch.Tensor, sampler: CandidateSampler
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For rows h [N, H]: the warped distribution [N, V] candidates are drawn from and the raw
-        logits [N, V] (fp32, -inf outside a reduced draft vocabulary) that rank fillers."""
-        logits = self.lm_head(h).float()
+        """For rows h [N, H]: the warped distribution [N, Vd] candidates are drawn from and the raw
+        logits [N, Vd] (fp32) that rank fillers, over the draft vocabulary (``draft_vocab`` maps
+        its columns to target tokens). Warping only the draft columns is the same distribution as
+        warping the full vocabulary with the other tokens ruled out, as ``lm_head`` does."""
+        logits = self.draft_logits(h).float()
         return sampler.probs(logits), logits
+
+    @property
+    def draft_vocab(self) -> DraftVocab | None:
+        """The reduced draft vocabulary's map to target tokens; None for the full vocabulary."""
+        if self.draft_ids is None:
+            return None
+        return DraftVocab(self.draft_ids, self.config.vocab_size)
 
     def acceptance_matrix(self, depth: int, top_k: int) -> torch.Tensor:
         """[depth, top_k] acceptance by depth and rank: the calibrated one (``config.acceptance``)

@@ -271,7 +271,13 @@ class EagleDrafter(Drafter):
             return Draft(tree=tree, tokens=tokens)
         quotas = level_quotas(self.acceptance_matrix(spec.depth, spec.top_k), spec.budget, spec.depth)
         tree, tokens, probs = grow_sampled_tree(
-            root_token, expander.sampled(sampler), quotas, spec.top_k, spec.expand, sampler.generator
+            root_token,
+            expander.sampled(sampler),
+            quotas,
+            spec.top_k,
+            spec.expand,
+            sampler.generator,
+            self.draft_vocab,
         )
         return Draft(tree=tree, tokens=tokens, probs=probs)
 
@@ -303,7 +309,7 @@ class EagleDrafter(Drafter):
             else:
                 q, logits = self.candidate_distribution(feats[plo:lo], sampler)  # [n_{d-1}, V]
                 tokens[lo:hi], probs[lo:hi] = sample_children(
-                    tree, lo, hi, q, plo, sampler.generator, fallback=logits
+                    tree, lo, hi, q, plo, sampler.generator, logits, self.draft_vocab
                 )
             if hi < t:  # deeper nodes need these nodes' features
                 mask = torch.cat(

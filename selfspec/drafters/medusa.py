@@ -114,13 +114,20 @@ class MedusaDrafter(Drafter):
         q, logits = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)  # [D, V]
         tokens = next_tokens[-1:].new_empty(tree.size)
         tokens[0] = next_tokens[-1]
-        probs = q.new_zeros(tree.size, q.shape[-1])
+        probs = q.new_zeros(tree.size, self.config.vocab_size)
         bounds = tree.level_bounds
         for d in range(1, len(bounds) - 1):
             lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
             n = lo - plo  # parents' depth d - 1 nodes, each drawing its own children
             tokens[lo:hi], probs[lo:hi] = sample_children(
-                tree, lo, hi, q[d - 1].expand(n, -1), plo, sampler.generator, logits[d - 1].expand(n, -1)
+                tree,
+                lo,
+                hi,
+                q[d - 1].expand(n, -1),
+                plo,
+                sampler.generator,
+                logits[d - 1].expand(n, -1),
+                self.draft_vocab,
             )
         return Draft(tree=tree, tokens=tokens, probs=probs)
 
@@ -144,6 +151,7 @@ class MedusaDrafter(Drafter):
                 spec.top_k,
                 spec.expand,
                 sampler.generator,
+                self.draft_vocab,
             )
             return Draft(tree=tree, tokens=tokens, probs=probs)
         logprobs, ids = self.top_candidates(
