@@ -346,6 +346,8 @@ def test_candidates_argument(tiny_models):
     assert resolve_candidates("top-k", warm) == "top-k"
     assert resolve_candidates("sampled", warm) == "sampled"
     assert resolve_candidates("auto", warm, "typical") == "top-k"
+    assert resolve_candidates("auto", warm) == "sampled"  # measured: sampled wins at 1.0
+    assert resolve_candidates("auto", SamplingConfig(temperature=0.3)) == "top-k"
     with pytest.raises(ValueError, match="needs acceptance='exact'"):
         resolve_candidates("sampled", warm, "typical")
     model, ids = tiny_models("llama"), torch.tensor([[1, 2, 3]])
