@@ -55,6 +55,17 @@ def dev_prompts(tokenizer, per_source: int) -> list[torch.Tensor]:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafter", default="default", help="'default' or a drafter directory")
@@ -128,7 +139,7 @@ def main(argv=None):
         record = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "device": platform.processor() or platform.machine(),
+            "device": cpu_name(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "drafter": args.drafter,

@@ -307,7 +307,7 @@ class EagleDrafter(Drafter):
                 top = self.top_candidates(feats[plo:lo], t)[1]  # [n_{d-1}, t] token ids, best first
                 tokens[lo:hi] = top[parents - plo, tree.ranks[lo:hi]]
             else:
-                q, logits = self.candidate_distribution(feats[plo:lo], sampler)  # [n_{d-1}, V]
+                q, logits = self.candidate_distribution(feats[plo:lo], sampler)  # [n_{d-1}, Vd]
                 tokens[lo:hi], probs[lo:hi] = sample_children(
                     tree, lo, hi, q, plo, sampler.generator, logits, self.draft_vocab
                 )
