@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_cpu import cpu_name  # a sibling script (benchmarks/ is sys.path[0])
 
 import selfspec
 
@@ -53,17 +53,6 @@ def dev_prompts(tokenizer, per_source: int) -> list[torch.Tensor]:
         for e in random.Random(1).sample(rest, min(per_source, len(rest))):
             out.append(torch.tensor([prompt_ids(tokenizer, e)]))
     return out
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), or what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):

@@ -41,7 +41,16 @@ from torch import nn
 
 from selfspec.io import replace_dir, temp_dir_beside
 from selfspec.sampling import CandidateSampler
-from selfspec.tree import DraftVocab, TreeBuffers, build_tree, prior_acceptance
+from selfspec.tree import (
+    DraftVocab,
+    DynamicTree,
+    LevelProbs,
+    TreeBuffers,
+    build_tree,
+    grow_sampled_tree,
+    level_quotas,
+    prior_acceptance,
+)
 
 FORMAT_VERSION = 1
 # Config keys renamed since format 1 was first written (old -> new); files with the old name load.
@@ -233,6 +242,24 @@ class Drafter(nn.Module):
         warping the full vocabulary with the other tokens ruled out, as ``lm_head`` does."""
         logits = self.draft_logits(h).float()
         return sampler.probs(logits), logits
+
+    def grow_sampled(
+        self,
+        root_token: torch.Tensor,
+        level_probs: LevelProbs,
+        spec: DynamicTree,
+        depth: int,
+        sampler: CandidateSampler,
+    ) -> Draft:
+        """A dynamic tree of sampled candidates (``grow_sampled_tree``) at most ``depth`` levels
+        deep: each level's node quota is the depth profile of the best static tree of
+        ``spec.budget`` nodes for this drafter's acceptance; ``level_probs`` gives its
+        distributions over the draft vocabulary."""
+        quotas = level_quotas(self.acceptance_matrix(depth, spec.top_k), spec.budget, depth)
+        tree, tokens, probs = grow_sampled_tree(
+            root_token, level_probs, quotas, spec.top_k, spec.expand, sampler.generator, self.draft_vocab
+        )
+        return Draft(tree=tree, tokens=tokens, probs=probs)
 
     @property
     def draft_vocab(self) -> DraftVocab | None:

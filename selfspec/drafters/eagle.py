@@ -35,9 +35,7 @@ from selfspec.tree import (
     DraftPool,
     DynamicTree,
     TreeBuffers,
-    grow_sampled_tree,
     grow_tree,
-    level_quotas,
     prior_acceptance,
     sample_children,
     tree_from_acceptance,
@@ -269,17 +267,7 @@ class EagleDrafter(Drafter):
         if sampler is None:
             tree, tokens = grow_tree(root_token, expander, spec.depth, spec.expand, spec.budget)
             return Draft(tree=tree, tokens=tokens)
-        quotas = level_quotas(self.acceptance_matrix(spec.depth, spec.top_k), spec.budget, spec.depth)
-        tree, tokens, probs = grow_sampled_tree(
-            root_token,
-            expander.sampled(sampler),
-            quotas,
-            spec.top_k,
-            spec.expand,
-            sampler.generator,
-            self.draft_vocab,
-        )
-        return Draft(tree=tree, tokens=tokens, probs=probs)
+        return self.grow_sampled(root_token, expander.sampled(sampler), spec, spec.depth, sampler)
 
     def _draft_tree(
         self,

@@ -21,9 +21,7 @@ from selfspec.sampling import CandidateSampler
 from selfspec.tree import (
     DynamicTree,
     TreeBuffers,
-    grow_sampled_tree,
     grow_tree,
-    level_quotas,
     medusa_proposer,
     prior_acceptance,
     sample_children,
@@ -142,18 +140,10 @@ class MedusaDrafter(Drafter):
         depth); sampled: ``grow_sampled_tree`` with each head's warped distribution."""
         depth = min(spec.depth, len(self.heads))
         if sampler is not None:
-            q = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)[0]  # [D, V]
-            quotas = level_quotas(self.acceptance_matrix(depth, spec.top_k), spec.budget, depth)
-            tree, tokens, probs = grow_sampled_tree(
-                next_tokens[-1],
-                lambda pool, frontier, level: q[level],
-                quotas,
-                spec.top_k,
-                spec.expand,
-                sampler.generator,
-                self.draft_vocab,
+            q = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)[0]  # [D, Vd]
+            return self.grow_sampled(
+                next_tokens[-1], lambda pool, frontier, level: q[level], spec, depth, sampler
             )
-            return Draft(tree=tree, tokens=tokens, probs=probs)
         logprobs, ids = self.top_candidates(
             self.depth_states(hidden[-1:])[0, :depth], spec.top_k
         )  # [D, K] each
