@@ -247,7 +247,7 @@ def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
     out: dict[str, Any] = dict(
         target_fingerprint(model), target_name=getattr(config, "_name_or_path", "") or ""
     )
-    if kind in ("eagle", "eagle3"):
+    if kind in ("eagle", "eagle3", "block"):
         g = geometry(model)
         rope = getattr(config, "rope_parameters", None) or {}
         out.update(
@@ -258,7 +258,7 @@ def _drafter_defaults(kind: str, model: PreTrainedModel) -> dict[str, Any]:
             rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
         )
-    if kind == "eagle3":
+    if kind in ("eagle3", "block"):
         out["feature_layers"] = default_feature_layers(config.num_hidden_layers)
     return out
 
@@ -268,7 +268,7 @@ def _place(drafter: Drafter, model: PreTrainedModel) -> Drafter:
 
 
 def new_drafter(kind: str, model: PreTrainedModel, **config: Any) -> Drafter:
-    """An untrained drafter of ``kind`` ("medusa", "eagle" or "eagle3") sized for ``model``.
+    """An untrained drafter of ``kind`` ("medusa", "eagle", "eagle3" or "block") sized for ``model``.
 
     ``config`` overrides fields of the kind's config (``MedusaConfig``/``EagleConfig``)."""
     if kind not in KINDS:

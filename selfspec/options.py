@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 # The drafter kinds by name (their classes: selfspec.drafters.KINDS, built from this list), here so
 # that flags and configs can name them without importing torch.
-DRAFTER_KINDS = ("medusa", "eagle", "eagle3")
+DRAFTER_KINDS = ("medusa", "eagle", "eagle3", "block")
 
 
 class UsageError(ValueError):

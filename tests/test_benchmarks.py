@@ -130,3 +130,18 @@ def test_candidates_smoke(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["summary"]) == {"T=1.0 tree=static top-k", "T=1.0 tree=static sampled"}
     assert all(s["tau"] >= 1 for s in record["summary"].values())
+
+
+def test_drafters_smoke(tmp_path):
+    out = tmp_path / "drafters_smoke.json"
+    run("bench_drafters.py", "--trees", "static,dynamic", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert set(record["summary"]) == {
+        "hf",
+        "eagle3 tree=static",
+        "eagle3 tree=dynamic",
+        "block tree=static",
+        "block tree=dynamic",
+    }
+    for s in record["summary"].values():  # fp32 tiny model: exact, so every reply equals HF's
+        assert s["identical"] == s["prompts"] == 2 and s["tau"] >= 1

@@ -23,7 +23,7 @@ def test_new_drafter_shapes_and_size(tiny_models, kind, cls):
     assert int(draft.tokens.min()) >= 0 and int(draft.tokens.max()) < model.config.vocab_size
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3", "block"])
 def test_save_load_gives_same_proposals(tiny_models, tmp_path, kind):
     model = tiny_models("qwen2")
     drafter = randomized(selfspec.new_drafter(kind, model, tree_nodes=12), seed=5)
@@ -124,6 +124,7 @@ def test_weights_that_do_not_fit_config(tiny_models, tmp_path):
         ("medusa", {"num_heads": 0}, "num_heads and num_layers must be >= 1"),
         ("eagle", {"num_heads": 3, "num_kv_heads": 2}, "multiple of num_kv_heads"),
         ("eagle", {"tree": [[0, 1]]}, "needs its parent"),
+        ("block", {"block_depths": 0}, "block_depths must be >= 1"),
     ],
 )
 def test_bad_drafter_options(tiny_models, kind, options, message):
@@ -149,13 +150,19 @@ def test_untrained_medusa_heads_start_as_identity(tiny_models):
 
 
 def test_each_kind_offers_the_training_protocol_its_objective_uses(tiny_models):
-    """Training reads a drafter only through TrainableHeads / TrainableStep (and the base's
-    read-out); each kind offers exactly one of them."""
-    from selfspec.drafters import TrainableHeads, TrainableStep
+    """Training reads a drafter only through TrainableHeads / TrainableStep / TrainableBlock (and
+    the base's read-out); each kind offers exactly one of them."""
+    from selfspec.drafters import KINDS, TrainableBlock, TrainableHeads, TrainableStep
 
     model = tiny_models("llama")
-    medusa = selfspec.new_drafter("medusa", model)
-    assert isinstance(medusa, TrainableHeads) and not isinstance(medusa, TrainableStep)
-    for kind in ("eagle", "eagle3"):
+    want = {
+        "medusa": TrainableHeads,
+        "eagle": TrainableStep,
+        "eagle3": TrainableStep,
+        "block": TrainableBlock,
+    }
+    assert set(want) == set(KINDS)
+    for kind, protocol in want.items():
         drafter = selfspec.new_drafter(kind, model)
-        assert isinstance(drafter, TrainableStep) and not isinstance(drafter, TrainableHeads)
+        offered = [p for p in (TrainableHeads, TrainableStep, TrainableBlock) if isinstance(drafter, p)]
+        assert offered == [protocol], kind

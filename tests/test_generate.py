@@ -16,7 +16,7 @@ TREES = {
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-mha", "qwen2", "mistral"])
-@pytest.mark.parametrize("kind", [None, "medusa", "eagle", "eagle3"])
+@pytest.mark.parametrize("kind", [None, "medusa", "eagle", "eagle3", "block"])
 def test_greedy_matches_hf_random_drafters(tiny_models, arch, kind):
     model = tiny_models(arch)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -28,12 +28,12 @@ def test_greedy_matches_hf_random_drafters(tiny_models, arch, kind):
 
 
 @pytest.mark.parametrize("tree_name", sorted(TREES))
-@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3", "block"])
 def test_greedy_matches_hf_over_tree_shapes(tiny_models, tree_name, kind):
     model = tiny_models("llama")
     tree = TREES[tree_name]
     depth = max(tree.max_depth, 1)
-    config = {"num_heads": depth} if kind == "medusa" else {}
+    config = {"medusa": {"num_heads": depth}, "block": {"block_depths": depth}}.get(kind, {})
     drafter = randomized(selfspec.new_drafter(kind, model, **config), seed=3)
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
     ref = hf_greedy(model, ids, 40)

@@ -9,7 +9,7 @@ from tests.helpers import chi2_pvalue, exact_two_token_probs, hf_greedy, make_ti
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3", "block"])
 @pytest.mark.parametrize("spec", [DynamicTree(depth=3, top_k=3, expand=2, budget=6), DynamicTree(budget=20)])
 def test_greedy_with_dynamic_trees_matches_hf(tiny_models, arch, kind, spec):
     model = tiny_models(arch)
@@ -286,6 +286,7 @@ SAMPLED_CASES = {
     "eagle3-dynamic-top-p": ("eagle3", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {"top_p": 0.7}),
     "medusa-static-top-p": ("medusa", "static", {"top_p": 0.7}),  # small supports: fillers
     "medusa-dynamic": ("medusa", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {}),
+    "block-static-top-p": ("block", "static", {"top_p": 0.7}),
     "eagle-dynamic-lookup": ("eagle", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {"lookup": True}),
     "eagle3-static-draft-vocab": ("eagle3", "static", {}),  # 5 of the 8 tokens: rows spread back
     "medusa-dynamic-draft-vocab": ("medusa", DynamicTree(depth=2, top_k=3, expand=2, budget=6), {}),

@@ -3,7 +3,8 @@ token on held-out data, then choose the static tree with the largest expected ac
 
 ``acceptance[d, k]`` is the share of held-out reply positions where the target's greedy token at
 depth d+1 is the drafter's rank-k candidate given the true path above it (for EAGLE: the unrolled
-layer fed its own features along the true tokens; for Medusa: head d on the last state).
+layer fed its own features along the true tokens; for Medusa: head d on the last state; for a
+block drafter: depth row d after the true prefix).
 ``selfspec.tree.tree_from_acceptance`` then grows the best tree for a node budget, which is saved
 in the drafter config (``config.tree``) so ``generate`` uses it by default.
 """
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 import selfspec
+from selfspec.drafters import TrainableBlock, TrainableHeads
 from selfspec.training.config import CalibrationConfig
 from selfspec.training.features import Sequence
-from selfspec.training.objectives import Pack, TargetReadout, shifted, unroll_no_grad
+from selfspec.training.objectives import Pack, TargetReadout, block_forward, shifted, unroll_no_grad
 from selfspec.training.trainer import PackSchedule, collate, deployable_copy
 from selfspec.tree import expected_tau, tree_from_acceptance
 
@@ -72,11 +74,31 @@ def _medusa_ranks(drafter, pack: Pack, depth: int, top_k: int) -> list[torch.Ten
     return ranks
 
 
+@torch.no_grad()
+def _block_ranks(drafter, readout: TargetReadout, pack: Pack, depth: int, top_k: int) -> list[torch.Tensor]:
+    dtype = next(drafter.parameters()).dtype
+    hidden = pack.hidden.to(dtype)
+    root = drafter.lift(pack.drafter_input(drafter).to(dtype))
+    out = block_forward(drafter, pack, root, shifted(pack.tokens, 1))  # [block_depths, L, H]
+    ranks = []
+    for j in range(depth):
+        target = readout(shifted(hidden, 1 + j)).argmax(-1)  # the target's token at t+2+j
+        if drafter.draft_ids is not None:
+            target = drafter.draft_ids[target]
+        valid = (pack.pos + 1 + j < pack.length) & (pack.pos + 2 + j >= pack.prompt_len)
+        ranks.append(_ranks(drafter.lm_head(out[j][valid]).float(), target[valid], top_k))
+    return ranks
+
+
 def measure_acceptance(
     drafter: selfspec.Drafter, model, sequences: list[Sequence], config: CalibrationConfig
 ) -> tuple[torch.Tensor, list[int]]:
     """``acceptance [D, K]`` and the positions measured at each depth, on held-out ``sequences``."""
-    depth = min(config.depth, drafter.config.num_heads) if drafter.kind == "medusa" else config.depth
+    depth = config.depth
+    if isinstance(drafter, TrainableHeads):
+        depth = min(depth, drafter.config.num_heads)
+    elif isinstance(drafter, TrainableBlock):
+        depth = min(depth, drafter.block_depths)
     counts = torch.zeros(depth, config.top_k + 1, dtype=torch.float64)  # last column: not in the top-k
     readout = TargetReadout(model.get_output_embeddings(), drafter.draft_ids)
     schedule = PackSchedule(sequences, config.batch_tokens, seed=0)
@@ -85,8 +107,10 @@ def measure_acceptance(
     drafter.eval()
     for g in range(schedule.per_epoch):
         pack = collate(sequences, schedule[g], config.batch_tokens).to(device)
-        if drafter.kind == "medusa":
+        if isinstance(drafter, TrainableHeads):
             ranks = _medusa_ranks(drafter, pack, depth, config.top_k)
+        elif isinstance(drafter, TrainableBlock):
+            ranks = _block_ranks(drafter, readout, pack, depth, config.top_k)
         else:
             ranks = _eagle_ranks(drafter, readout, pack, depth, config.top_k)
         for d, r in enumerate(ranks):

@@ -153,16 +153,21 @@ class TrainConfig:
         default=2, metadata={"help": "EAGLE: training-time-test steps (1 = teacher forcing)"}
     )
     step_decay: float = dataclasses.field(
-        default=0.8, metadata={"help": "EAGLE: unrolled step i's loss weight is decay**i"}
+        default=0.8,
+        metadata={"help": "EAGLE: unrolled step i's loss weight is decay**i (block: depth i's)"},
+    )
+    block_depths: int = dataclasses.field(
+        default=4, metadata={"help": "block: depths drafted by one forward (the deepest tree level)"}
     )
     feature_weight: float = dataclasses.field(
         default=1.0, metadata={"help": "EAGLE: weight of the feature regression"}
     )
     token_weight: float = dataclasses.field(
-        default=0.1, metadata={"help": "EAGLE: weight of the soft token loss"}
+        default=0.1, metadata={"help": "EAGLE and block: weight of the soft token loss"}
     )
     noise: float = dataclasses.field(
-        default=0.1, metadata={"help": "EAGLE: uniform noise on input features, as a fraction of their RMS"}
+        default=0.1,
+        metadata={"help": "EAGLE and block: uniform noise on input features, as a fraction of their RMS"},
     )
     draft_vocab_size: int = dataclasses.field(
         default=0,
@@ -203,6 +208,7 @@ class TrainConfig:
             "medusa_heads",
             "medusa_layers",
             "unroll",
+            "block_depths",
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
@@ -237,7 +243,17 @@ class TrainConfig:
         base = {"draft_vocab_size": self.draft_vocab_size}
         if self.kind == "medusa":
             return {**base, "num_heads": self.medusa_heads, "num_layers": self.medusa_layers}
+        if self.kind == "block":
+            return {**base, "block_depths": self.block_depths}
         return base
+
+    def scored_depths(self) -> tuple[str, int]:
+        """The metric prefix and count of the depths the kind's objective scores per row."""
+        if self.kind == "medusa":
+            return "head", self.medusa_heads
+        if self.kind == "block":
+            return "depth", self.block_depths
+        return "step", self.unroll
 
 
 @dataclass

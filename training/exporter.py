@@ -60,6 +60,13 @@ EAGLE3_REFUSAL = (
     "with --kind eagle3 for an EAGLE-3 drafter"
 )
 
+BLOCK_REFUSAL = (
+    "this drafter is kind block (every depth in one forward, with learned depth rows after the context); "
+    "the eagle, eagle3 and medusa layouts vLLM and SGLang load draft one depth per forward and have no place "
+    "for those rows, so no export computes the same function. Serve it with selfspec, or train --kind eagle3 "
+    "for a drafter the engines load"
+)
+
 
 def check_format(kind: str, fmt: str, engine: str = "vllm") -> None:
     """Raise ValueError when ``fmt`` cannot hold a drafter of ``kind`` (before loading anything)."""
@@ -69,6 +76,8 @@ def check_format(kind: str, fmt: str, engine: str = "vllm") -> None:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if fmt == "eagle3" and kind == "eagle":
         raise ValueError(EAGLE3_REFUSAL)
+    if kind == "block":
+        raise ValueError(BLOCK_REFUSAL)
     want = fmt
     if kind != want:
         raise ValueError(f"--format {fmt} exports {want} drafters, but this drafter is {kind}")

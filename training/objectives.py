@@ -18,6 +18,12 @@ what the matching draft-tree node would see at inference: the teacher-forced row
 committed prefix) and its own chain at rows t-i+1..t of steps 1..i. The earlier steps' inputs are
 computed without gradients through a drafter KV store (one block each), then all steps run in one
 differentiable forward.
+
+Block (parallel drafting): after every row t come the drafter's ``block_depths - 1`` depth rows,
+at positions pos_t + 1 .. ; depth row j of anchor t sees the teacher-forced rows up to t and the
+depth rows of t before it, exactly what it sees at inference after a committed prefix ending at
+t, and is scored (soft cross-entropy, weight ``step_decay**j``) against the target's distribution
+of token t+2+j. All depths of all anchors run in one forward, with the same input noise as EAGLE.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from selfspec.drafters.base import TrainableHeads, TrainableStep, VocabProjection
+from selfspec.drafters.base import TrainableBlock, TrainableHeads, TrainableStep, VocabProjection
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,32 @@ def unroll_rows(pack: Pack, i: int, blocks: int) -> torch.Tensor:
 def unroll_mask(pack: Pack, steps: int) -> torch.Tensor:
     """``[steps * L, steps * L]`` bool attention of the whole unrolled layer (step 0 = causal)."""
     return torch.cat([unroll_rows(pack, i, steps) for i in range(steps)], dim=0)
+
+
+def block_mask(pack: Pack, depths: int) -> torch.Tensor:
+    """``[depths * L, depths * L]`` bool attention of a block drafter's training forward: block 0
+    holds the teacher-forced rows (causal within a sequence); row t of block j >= 1, the depth
+    row j of anchor t, sees block-0 rows s <= t of its sequence and row t of blocks 1..j."""
+    rows = torch.arange(pack.rows, device=pack.seq.device)
+    causal = (pack.seq[:, None] == pack.seq[None, :]) & (rows[:, None] >= rows[None, :])  # [L, L]
+    own = torch.eye(pack.rows, dtype=torch.bool, device=pack.seq.device)
+    none = torch.zeros_like(causal)
+    return torch.cat(
+        [
+            torch.cat([causal if i == 0 else own if 0 < i <= j else none for i in range(depths)], 1)
+            for j in range(depths)
+        ]
+    )
+
+
+def block_forward(drafter: TrainableBlock, pack: Pack, root: torch.Tensor, next_tokens: torch.Tensor):
+    """All depth states of every anchor row in one forward: ``[block_depths, L, H]``; ``root`` is
+    the lifted state of each row (with noise in training)."""
+    k, n = drafter.block_depths, pack.rows
+    rows = drafter.depth_input()  # [k - 1, W]
+    x = torch.cat([drafter.context_input(root, next_tokens), *(r.expand(n, -1) for r in rows)])
+    positions = torch.cat([pack.pos + j for j in range(k)])
+    return drafter.step(x, positions, mask=block_mask(pack, k)).view(k, n, -1)
 
 
 @torch.no_grad()
@@ -205,4 +237,43 @@ class EagleObjective(nn.Module):
             metrics[f"step{i}/token_loss_sum"] = tok.detach()
             metrics[f"step{i}/correct"] = (logp.argmax(-1) == target_p[valid].argmax(-1)).sum()
             metrics[f"step{i}/count"] = cnt
+        return loss / total, metrics
+
+
+class BlockObjective(nn.Module):
+    def __init__(
+        self,
+        drafter: TrainableBlock,
+        readout: TargetReadout,
+        token_weight: float,
+        step_decay: float,
+        loss_on_prompt: bool,
+    ):
+        super().__init__()
+        self.drafter, self.readout = drafter, readout
+        self.token_weight, self.step_decay, self.loss_on_prompt = token_weight, step_decay, loss_on_prompt
+
+    def forward(self, pack: Pack, noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.drafter
+        dtype = next(d.parameters()).dtype
+        hidden = pack.hidden.to(dtype)
+        root = d.lift(pack.drafter_input(d).to(dtype) + noise.to(dtype))
+        out = block_forward(d, pack, root, shifted(pack.tokens, 1))  # [k, L, H]
+        loss, total, metrics = 0.0, 0.0, {}
+        for j in range(d.block_depths):
+            ahead = 1 + j  # the target's state at t+1+j gives its distribution of token t+2+j
+            valid = (pack.pos + ahead < pack.length) & (
+                (pack.pos + ahead + 1 >= pack.prompt_len) | self.loss_on_prompt
+            )
+            cnt = valid.sum()
+            with torch.no_grad():
+                target_p = self.readout(shifted(hidden, ahead)[valid]).softmax(-1)  # [n, Vd]
+            logp = d.draft_logits(out[j][valid]).float().log_softmax(-1)
+            tok = -(target_p * logp).sum()
+            w = self.step_decay**j
+            loss = loss + w * self.token_weight * tok / cnt.clamp(min=1)
+            total += w
+            metrics[f"depth{j}/token_loss_sum"] = tok.detach()
+            metrics[f"depth{j}/correct"] = (logp.argmax(-1) == target_p.argmax(-1)).sum()
+            metrics[f"depth{j}/count"] = cnt
         return loss / total, metrics

@@ -62,7 +62,7 @@ def _say(dist: Dist, text: str) -> None:
 
 def drafter_feature_layers(kind: str, model: Any) -> list[int]:
     """The target layers (hidden_states indices) a drafter of ``kind`` fuses; [] = the last state only."""
-    if kind != "eagle3":
+    if kind not in ("eagle3", "block"):
         return []
     return default_feature_layers(model.config.get_text_config().num_hidden_layers)
 
@@ -196,7 +196,7 @@ def _stage_data(
     for r in reports:
         _say(dist, r.summary())
     train_ex, held_ex = split_held_out(examples, s.run.held_out)
-    fused = drafter_feature_layers(s.train.kind, model)  # EAGLE-3 reads these target layers as well
+    fused = drafter_feature_layers(s.train.kind, model)  # EAGLE-3 and block read these layers as well
     fconfig = dataclasses.replace(
         s.features, feature_layers=list(dict.fromkeys([*s.features.feature_layers, *fused]))
     )

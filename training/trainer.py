@@ -28,12 +28,18 @@ import torch
 from torch import nn
 
 import selfspec
-from selfspec.drafters import TrainableHeads, TrainableStep
+from selfspec.drafters import TrainableBlock, TrainableHeads, TrainableStep
 from selfspec.io import atomic_torch_save, atomic_write_text
 from selfspec.tracking import Run
 from selfspec.training.config import TrainConfig
 from selfspec.training.features import Sequence
-from selfspec.training.objectives import EagleObjective, MedusaObjective, Pack, TargetReadout
+from selfspec.training.objectives import (
+    BlockObjective,
+    EagleObjective,
+    MedusaObjective,
+    Pack,
+    TargetReadout,
+)
 from selfspec.training.utils import (
     Dist,
     progress,
@@ -235,12 +241,14 @@ class Trainer:
                 t2d = torch.full((d.config.vocab_size,), -100, dtype=torch.long, device=d.draft_ids.device)
                 t2d[d.draft_ids] = torch.arange(d.draft_ids.numel(), device=t2d.device)
             return MedusaObjective(d, c.head_decay, t2d)
+        readout = TargetReadout(self.model.get_output_embeddings(), d.draft_ids)
+        if isinstance(d, TrainableBlock):
+            return BlockObjective(d, readout, c.token_weight, c.step_decay, c.loss_on_prompt)
         if not isinstance(d, TrainableStep):
             raise TypeError(
-                f"a {d.kind} drafter offers neither training protocol (selfspec.drafters.TrainableHeads "
-                "or TrainableStep); implement one to train it"
+                f"a {d.kind} drafter offers no training protocol (selfspec.drafters.TrainableHeads, "
+                "TrainableStep or TrainableBlock); implement one to train it"
             )
-        readout = TargetReadout(self.model.get_output_embeddings(), d.draft_ids)
         return EagleObjective(
             d, readout, c.unroll, c.feature_weight, c.token_weight, c.step_decay, c.loss_on_prompt
         )
@@ -400,8 +408,8 @@ class Trainer:
         }
         if "grad_norm" in w:
             out["grad_norm"] = w["grad_norm"] / steps
-        prefix = "head" if self.config.kind == "medusa" else "step"
-        for k in range(self.config.medusa_heads if self.config.kind == "medusa" else self.config.unroll):
+        prefix, depths = self.config.scored_depths()
+        for k in range(depths):
             n = max(w.get(f"{prefix}{k}/count", 0.0), 1.0)
             out[f"acc/{k}"] = w.get(f"{prefix}{k}/correct", 0.0) / n
             for name in ("loss_sum", "feature_loss_sum", "token_loss_sum"):

@@ -1,7 +1,17 @@
-"""Drafter kinds: Medusa-style parallel heads, the EAGLE-style feature-level drafter and its
-EAGLE-3 layout (fused target layers)."""
+"""Drafter kinds: Medusa-style parallel heads, the EAGLE-style feature-level drafter, its
+EAGLE-3 layout (fused target layers) and the block drafter (EAGLE-3 inputs, every depth in one
+forward)."""
 
-from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules, TrainableHeads, TrainableStep
+from selfspec.drafters.base import (
+    Draft,
+    Drafter,
+    DrafterConfig,
+    SharedModules,
+    TrainableBlock,
+    TrainableHeads,
+    TrainableStep,
+)
+from selfspec.drafters.block import BlockConfig, BlockDrafter
 from selfspec.drafters.eagle import (
     Eagle3Config,
     Eagle3Drafter,
@@ -12,11 +22,13 @@ from selfspec.drafters.eagle import (
 from selfspec.drafters.medusa import MedusaConfig, MedusaDrafter
 from selfspec.options import DRAFTER_KINDS
 
-_CLASSES = {cls.kind: cls for cls in (MedusaDrafter, EagleDrafter, Eagle3Drafter)}
+_CLASSES = {cls.kind: cls for cls in (MedusaDrafter, EagleDrafter, Eagle3Drafter, BlockDrafter)}
 KINDS: dict[str, type[Drafter]] = {name: _CLASSES[name] for name in DRAFTER_KINDS}
 
 __all__ = [
     "KINDS",
+    "BlockConfig",
+    "BlockDrafter",
     "Draft",
     "Drafter",
     "DrafterConfig",
@@ -27,6 +39,7 @@ __all__ = [
     "MedusaConfig",
     "MedusaDrafter",
     "SharedModules",
+    "TrainableBlock",
     "TrainableHeads",
     "TrainableStep",
     "default_feature_layers",

@@ -48,8 +48,11 @@ from selfspec.tree import (
     TreeBuffers,
     build_tree,
     grow_sampled_tree,
+    grow_tree,
     level_quotas,
+    medusa_proposer,
     prior_acceptance,
+    sample_children,
 )
 
 FORMAT_VERSION = 1
@@ -261,6 +264,60 @@ class Drafter(nn.Module):
         )
         return Draft(tree=tree, tokens=tokens, probs=probs)
 
+    def propose_per_depth(
+        self,
+        states: torch.Tensor,
+        root_token: torch.Tensor,
+        tree: TreeBuffers | DynamicTree,
+        sampler: CandidateSampler | None = None,
+    ) -> Draft:
+        """The draft of a drafter whose candidates at depth d do not depend on the tokens above
+        them (Medusa heads, a block drafter): ``states`` [D, H] are read out once per depth and
+        every node of depth d takes depth d's candidate of its rank (static tree), grows from
+        them by score (dynamic tree), or draws its children from depth d's warped distribution,
+        siblings without replacement (sampled)."""
+        if isinstance(tree, DynamicTree):
+            depth = min(tree.depth, states.shape[0])
+            if sampler is not None:
+                q = self.candidate_distribution(states[:depth], sampler)[0]  # [D, Vd]
+                return self.grow_sampled(
+                    root_token, lambda pool, frontier, level: q[level], tree, depth, sampler
+                )
+            logprobs, ids = self.top_candidates(states[:depth], tree.top_k)  # [D, K] each
+            grown, tokens = grow_tree(
+                root_token, medusa_proposer(logprobs, ids), depth, tree.expand, tree.budget
+            )
+            return Draft(tree=grown, tokens=tokens)
+        if tree.max_depth > states.shape[0]:
+            raise ValueError(
+                f"tree depth {tree.max_depth} exceeds the {states.shape[0]} depths this drafter drafts"
+            )
+        depth = max(tree.max_depth, 1)
+        if sampler is None:
+            top = self.top_candidates(states[:depth], tree.size)[1]  # [D, T] token ids
+            tokens = top[(tree.depths - 1).clamp(min=0), tree.ranks.clamp(min=0)]  # [T]
+            tokens[0] = root_token
+            return Draft(tree=tree, tokens=tokens)
+        q, logits = self.candidate_distribution(states[:depth], sampler)  # [D, Vd]
+        tokens = root_token.new_empty(tree.size)
+        tokens[0] = root_token
+        probs = q.new_zeros(tree.size, self.config.vocab_size)
+        bounds = tree.level_bounds
+        for d in range(1, len(bounds) - 1):
+            lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
+            n = lo - plo  # the parents (depth d - 1 nodes), each drawing its own children
+            tokens[lo:hi], probs[lo:hi] = sample_children(
+                tree,
+                lo,
+                hi,
+                q[d - 1].expand(n, -1),
+                plo,
+                sampler.generator,
+                logits[d - 1].expand(n, -1),
+                self.draft_vocab,
+            )
+        return Draft(tree=tree, tokens=tokens, probs=probs)
+
     @property
     def draft_vocab(self) -> DraftVocab | None:
         """The reduced draft vocabulary's map to target tokens; None for the full vocabulary."""
@@ -371,8 +428,8 @@ class Drafter(nn.Module):
 # What training and calibration (selfspec.training) may call on a drafter, beside the Drafter
 # base's read-out (``draft_logits``, ``lm_head``, ``draft_ids``, ``set_draft_vocab``,
 # ``add_vocab_lora``), ``feature_layers``, ``kind`` and ``config``. A new kind is trainable by
-# offering one of these; nothing else of its module layout is read outside the drafter (the
-# exporter maps weights, so it reads the modules it writes).
+# offering one of these (TrainableHeads, TrainableStep, TrainableBlock); nothing else of its module
+# layout is read outside the drafter (the exporter maps weights, so it reads the modules it writes).
 @runtime_checkable
 class TrainableHeads(Protocol):
     """A drafter that predicts every depth from one target state (Medusa): trained by scoring
@@ -413,6 +470,37 @@ class TrainableStep(Protocol):
 
     def begin(self, max_len: int) -> Any:
         """A fresh KV store for ``step`` holding up to ``max_len`` rows."""
+        ...
+
+
+@runtime_checkable
+class TrainableBlock(Protocol):
+    """A drafter that drafts every depth in one forward (parallel/block drafting): trained with
+    each anchor row's depth rows appended, all depths scored in one forward."""
+
+    block_depths: int  # depths per forward: the context row gives depth 1, depth row j depth j + 1
+
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, F] target features (``feature_layers`` concatenated) -> [N, H] state."""
+        ...
+
+    def context_input(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, H] state + [N] next tokens -> [N, W] context rows."""
+        ...
+
+    def depth_input(self) -> torch.Tensor:
+        """[block_depths - 1, W] the rows appended after an anchor for depths 2 .. block_depths."""
+        ...
+
+    def step(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        store: Any = None,
+        offset: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The drafter's layer over rows ``x`` at ``positions`` with attention ``mask``: [N, H]."""
         ...
 
 

@@ -18,15 +18,7 @@ from torch import nn
 
 from selfspec.drafters.base import Draft, Drafter, DrafterConfig, SharedModules
 from selfspec.sampling import CandidateSampler
-from selfspec.tree import (
-    DynamicTree,
-    TreeBuffers,
-    grow_tree,
-    medusa_proposer,
-    prior_acceptance,
-    sample_children,
-    tree_from_acceptance,
-)
+from selfspec.tree import DynamicTree, TreeBuffers, prior_acceptance, tree_from_acceptance
 
 
 @dataclass
@@ -87,67 +79,6 @@ class MedusaDrafter(Drafter):
         tree: TreeBuffers | DynamicTree,
         sampler: CandidateSampler | None = None,
     ) -> Draft:
-        if isinstance(tree, DynamicTree):
-            return self._propose_dynamic(hidden, next_tokens, tree, sampler)
-        if tree.max_depth > len(self.heads):
+        if isinstance(tree, TreeBuffers) and tree.max_depth > len(self.heads):
             raise ValueError(f"tree depth {tree.max_depth} exceeds the {len(self.heads)} Medusa heads")
-        depth = max(tree.max_depth, 1)
-        if sampler is not None:
-            return self._sample_tree(hidden, next_tokens, tree, depth, sampler)
-        top = self.top_candidates(self.depth_states(hidden[-1:])[0, :depth], tree.size)[1]  # [D, T] token ids
-        tokens = top[(tree.depths - 1).clamp(min=0), tree.ranks.clamp(min=0)]  # [T]
-        tokens[0] = next_tokens[-1]
-        return Draft(tree=tree, tokens=tokens)
-
-    def _sample_tree(
-        self,
-        hidden: torch.Tensor,
-        next_tokens: torch.Tensor,
-        tree: TreeBuffers,
-        depth: int,
-        sampler: CandidateSampler,
-    ) -> Draft:
-        """Static tree, sampled candidates: each node's children are drawn from head d's warped
-        distribution (the same for every node of a depth), siblings without replacement."""
-        q, logits = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)  # [D, V]
-        tokens = next_tokens[-1:].new_empty(tree.size)
-        tokens[0] = next_tokens[-1]
-        probs = q.new_zeros(tree.size, self.config.vocab_size)
-        bounds = tree.level_bounds
-        for d in range(1, len(bounds) - 1):
-            lo, hi, plo = bounds[d], bounds[d + 1], bounds[d - 1]
-            n = lo - plo  # parents' depth d - 1 nodes, each drawing its own children
-            tokens[lo:hi], probs[lo:hi] = sample_children(
-                tree,
-                lo,
-                hi,
-                q[d - 1].expand(n, -1),
-                plo,
-                sampler.generator,
-                logits[d - 1].expand(n, -1),
-                self.draft_vocab,
-            )
-        return Draft(tree=tree, tokens=tokens, probs=probs)
-
-    def _propose_dynamic(
-        self,
-        hidden: torch.Tensor,
-        next_tokens: torch.Tensor,
-        spec: DynamicTree,
-        sampler: CandidateSampler | None,
-    ) -> Draft:
-        """Grow the tree from the heads' top-k log-probs (the same candidates below every node of a
-        depth); sampled: ``grow_sampled_tree`` with each head's warped distribution."""
-        depth = min(spec.depth, len(self.heads))
-        if sampler is not None:
-            q = self.candidate_distribution(self.depth_states(hidden[-1:])[0, :depth], sampler)[0]  # [D, Vd]
-            return self.grow_sampled(
-                next_tokens[-1], lambda pool, frontier, level: q[level], spec, depth, sampler
-            )
-        logprobs, ids = self.top_candidates(
-            self.depth_states(hidden[-1:])[0, :depth], spec.top_k
-        )  # [D, K] each
-        tree, tokens = grow_tree(
-            next_tokens[-1], medusa_proposer(logprobs, ids), depth, spec.expand, spec.budget
-        )
-        return Draft(tree=tree, tokens=tokens)
+        return self.propose_per_depth(self.depth_states(hidden[-1:])[0], next_tokens[-1], tree, sampler)
