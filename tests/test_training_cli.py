@@ -177,6 +177,23 @@ def test_train_eagle3_end_to_end_and_export(setup, tmp_path):
     ]
 
 
+def test_train_block_end_to_end_and_export_refused(setup, tmp_path, capsys):
+    target, data = setup
+    out = tmp_path / "block"
+    args = ["train", "--model", str(target), "--data", str(data), "--out", str(out), "--kind", "block"]
+    assert main([*args, "--block-depths", "3", *TINY]) == 0
+    model, _ = selfspec.load_target(str(target), device="cpu")
+    drafter = selfspec.load_drafter(out, model)
+    assert drafter.kind == "block" and drafter.block_depths == 3 and drafter.tree.max_depth <= 3
+    ids = torch.tensor([[256, 5, 6]])
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(selfspec.generate(model, ids, drafter=drafter, max_new_tokens=6).sequences, ref)
+    capsys.readouterr()
+    export = ["export", "--drafter", str(out), "--format", "eagle3", "--out", str(tmp_path / "x")]
+    assert main([*export, "--model", str(target)]) == 2
+    assert "kind block" in one_error_line(capsys) and not (tmp_path / "x").exists()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 @pytest.mark.skipif(
     not loopback_works(), reason="needs TCP over loopback (torchrun's rendezvous); it is down here"
