@@ -19,11 +19,10 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from bench_cpu import cpu_name  # a sibling script (benchmarks/ is sys.path[0])
+from bench_cpu import run_header  # a sibling script (benchmarks/ is sys.path[0])
 
 import selfspec
 
@@ -126,11 +125,7 @@ def main(argv=None):
         )
     if args.out:
         record = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "device": cpu_name(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            **run_header(argv),
             "drafter": args.drafter,
             "dtype": args.dtype,
             "prompts": len(prompts),

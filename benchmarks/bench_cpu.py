@@ -175,6 +175,21 @@ def verify_cost(model, prefix: int, repeats: int, sizes=SIZES) -> dict:
     }
 
 
+def run_header(argv) -> dict:
+    """What every benchmark record starts with: when, the command, the device and versions."""
+    import sys
+    import time
+
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([Path(sys.argv[0]).name, *args]),
+        "device": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from bench_candidates import SOURCES, TRAIN  # sibling scripts (benchmarks/ is sys.path[0])
-from bench_cpu import cpu_name
+from bench_cpu import run_header
 
 import selfspec
 from selfspec.eval.methods import HFMethod, SelfspecMethod
@@ -150,11 +150,7 @@ def main(argv=None):
         )
     if args.out:
         record = {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-            "device": cpu_name(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            **run_header(argv),
             "dtype": "float32" if args.smoke else args.dtype,
             "prompts": len(prompts),
             "question_file": str(args.questions) if args.questions else None,
