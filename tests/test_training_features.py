@@ -69,6 +69,20 @@ def test_cache_written_with_the_old_layer_name_is_reused(model, tmp_path):
         capture(model, items(2), tmp_path, FeatureConfig(feature_layers=[0]))
 
 
+def test_a_cache_with_more_layers_serves_a_run_asking_for_fewer(model, tmp_path):
+    # An EAGLE-3 run's cache (fused layers) reused by an EAGLE-1 run (the last state only): shards
+    # added later keep every cached layer, so the cache stays whole for either kind.
+    capture(model, items(2), tmp_path, FeatureConfig(feature_layers=[0, 1]))
+    report = capture(model, items(4), tmp_path, FeatureConfig(feature_layers=[]))
+    assert report.cached_tokens == sum(len(i[1]) for i in items(2)) and report.sequences == 4
+    for s in load(tmp_path, feature_layers=[0, 1]):  # the new shards hold both layers too
+        ref = selfspec.target_features(model, s.ids[None]).layers
+        torch.testing.assert_close(s.layers[0].float(), ref[0][0], atol=2e-3, rtol=2e-3)
+    assert [len(s.layers) for s in load(tmp_path, feature_layers=[1])] == [1] * 4
+    with pytest.raises(ValueError, match="captured with"):  # a layer the cache lacks
+        capture(model, items(4), tmp_path, FeatureConfig(feature_layers=[2]))
+
+
 def test_other_settings_are_refused(model, tmp_path):
     capture(model, items(2), tmp_path, FeatureConfig())
     with pytest.raises(ValueError, match="captured with"):

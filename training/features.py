@@ -17,6 +17,7 @@ Shards are written atomically, so an interrupted capture resumes at the next sha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -124,7 +125,7 @@ def capture(
     """Cache the target's features for ``items`` under ``directory`` (resuming a partial cache)."""
     dist = dist or Dist.single()
     directory.mkdir(parents=True, exist_ok=True)
-    _check_settings(directory, config, model, dist)
+    config = _check_settings(directory, config, model, dist)
     report = FeatureReport()
     have = {sid: n for sid, n in _cached(directory)}
     report.cached_tokens = sum(have.values())
@@ -175,7 +176,10 @@ def _capture_shard(
     report.seconds = time.perf_counter() - start
 
 
-def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Dist) -> None:
+def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Dist) -> FeatureConfig:
+    """The config to capture with: ``config``, or, where the cache already holds more layers than
+    asked for (an EAGLE-3 cache reused by an EAGLE-1 run), ``config`` with the cache's layers, so
+    every shard keeps holding the same layers and ``load`` picks the ones a run needs."""
     settings = {
         "dtype": config.dtype,
         "feature_layers": list(config.feature_layers),
@@ -189,6 +193,9 @@ def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Di
         if "extra_layers" in old:  # the name before feature_layers; the features are the same
             old["feature_layers"] = old.pop("extra_layers")
         old.setdefault("target_dtype", "float32")  # caches from before the key: an fp32 target
+        subset = set(settings["feature_layers"]) <= set(old["feature_layers"])
+        if subset and old | {"feature_layers": settings["feature_layers"]} == settings:
+            return dataclasses.replace(config, feature_layers=list(old["feature_layers"]))
         if old != settings:
             raise ValueError(
                 f"{directory} holds features captured with {old}, not {settings}; "
@@ -197,6 +204,7 @@ def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Di
     elif dist.is_main:
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
     dist.barrier()
+    return config
 
 
 # ------------------------------------------------------------------------------------ reading
