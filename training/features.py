@@ -194,16 +194,15 @@ def _check_settings(directory: Path, config: FeatureConfig, model: Any, dist: Di
             old["feature_layers"] = old.pop("extra_layers")
         old.setdefault("target_dtype", "float32")  # caches from before the key: an fp32 target
         subset = set(settings["feature_layers"]) <= set(old["feature_layers"])
-        if subset and old | {"feature_layers": settings["feature_layers"]} == settings:
-            return dataclasses.replace(config, feature_layers=list(old["feature_layers"]))
-        if old != settings:
+        if not subset or old | {"feature_layers": settings["feature_layers"]} != settings:
             raise ValueError(
                 f"{directory} holds features captured with {old}, not {settings}; "
                 "use another --work-dir (or --overwrite) to capture again"
             )
+        config = dataclasses.replace(config, feature_layers=list(old["feature_layers"]))
     elif dist.is_main:
         atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
-    dist.barrier()
+    dist.barrier()  # every rank, whichever branch it took: rank 0 may be writing the file now
     return config
 
 
