@@ -16,15 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _private_cache() -> None:
     """Point $SELFSPEC_CACHE at a directory of this test session, sharing the real cache's
-    downloaded models, compiled kernels and vLLM venv through links. What tests write beside them (the tree
-    timings of tiny models in autotune.json, keyed by a temporary path that never recurs) then
-    goes away with the session instead of piling up in the user's table."""
+    downloaded models, compiled kernels and vLLM venv through links. What tests write beside
+    them (the tree timings of tiny models in autotune.json, keyed by a temporary path that never
+    recurs) then goes away with the session instead of piling up in the user's table."""
     import atexit
     import shutil
     import tempfile
     from pathlib import Path
 
-    real = Path(os.environ.get("SELFSPEC_CACHE") or Path.home() / ".cache" / "selfspec")
+    from selfspec.models import cache_dir
+
+    real = cache_dir()
     private = Path(tempfile.mkdtemp(prefix="selfspec-test-cache-"))
     for shared in ("models", "kernels", "vllm-cpu-venv", "vllm-live-check"):
         (real / shared).mkdir(parents=True, exist_ok=True)
