@@ -402,7 +402,7 @@ class _Loop:
         """Draft, verify in one forward, accept, commit. Returns the kept tokens + bonus [k] and
         the target's hidden state at each kept node [k, H]."""
         t0 = time.perf_counter()
-        branches = self.lookup.propose(self._lookup_room()) if self.lookup is not None else []
+        branches = self.lookup.propose() if self.lookup is not None else []
         drafted = sum(len(b) for b in branches)
         if self.drafter is not None:
             tree = self._drafter_tree(drafted)
@@ -436,22 +436,15 @@ class _Loop:
         stats.accept_s += time.perf_counter() - t2
         return kept, out.hidden[acc.path]
 
-    def _lookup_room(self) -> int:
-        """Drafted nodes the lookup may add this step: its own budget with no drafter; else half
-        the tree's budget, or its current run length where that is longer (a run that has been
-        right, see ``Lookup.update``)."""
-        if self.drafter is None:
-            return self.lookup.max_nodes
-        return max(self._budget() // 2, self.lookup.length)
-
     def _budget(self) -> int:
         return self.tree.budget if isinstance(self.tree, DynamicTree) else self.tree.size
 
     def _drafter_tree(self, lookup_nodes: int) -> TreeBuffers | DynamicTree:
         """The drafter's tree with its budget less the nodes the lookup took, so both sources
-        share one node budget, split by the lookup's length (which follows its measured
-        acceptance); the drafter keeps at least half of it (and 2 nodes). A static tree keeps its
-        first nodes (by depth, then rank); a dynamic tree selects fewer."""
+        share one node budget, split by what the lookup drafted (the nodes it estimates are kept
+        often enough, ``Lookup.threshold``); the drafter keeps at least half of it (and 2
+        nodes). A static tree keeps its first nodes (by depth, then rank); a dynamic tree
+        selects fewer."""
         budget = self._budget()
         keep = max(budget - lookup_nodes, min(budget, max(2, (budget + 1) // 2)))
         if keep == budget:

@@ -42,12 +42,17 @@ def test_index_over_a_growing_sequence_equals_a_brute_force_scan(chunks, min_n, 
 def test_continuations_follow_real_matches_longest_first(tokens, length):
     index = NgramIndex(1, 3)
     index.extend(tokens)
-    conts = index.continuations(length, branches=3)
+    found = index.continuations(length, branches=3)
+    conts = [c for _, c in found]
     assert len(conts) <= 3
-    for c in conts:
+    for n, c in found:
         assert 1 <= len(c) <= length
         # some suffix of the sequence occurs earlier followed by exactly this continuation
-        assert any(tokens[i + 1 : i + 1 + len(c)] == c for n in range(1, 4) for i in brute_matches(tokens, n))
+        assert any(tokens[i + 1 : i + 1 + len(c)] == c for m in range(1, 4) for i in brute_matches(tokens, m))
+        # and the last n tokens occur earlier followed by its start (its n is a real match)
+        assert any(
+            c[: len(tokens) - i - 1] == tokens[i + 1 : i + 1 + len(c)] for i in brute_matches(tokens, n)
+        )
     for a in conts:  # no continuation is a prefix of an earlier one
         assert sum(b[: len(a)] == a for b in conts) == 1
     longest = next((n for n in range(3, 0, -1) if brute_matches(tokens, n)), None)
@@ -126,31 +131,47 @@ def test_merged_tree_carries_sampled_rows_and_gives_added_nodes_point_masses():
     assert [new_tokens[j].item() for j in root_children] == [1, 2, 5]  # drafted first
 
 
-def test_branch_length_follows_acceptance():
-    """Length = 2 m + 1 with m the running mean (weight 1/2) of tokens kept, started at max_len / 2."""
-    lk = Lookup(max_len=8, branches=1)
-    lk.begin([1, 2, 3, 4, 5, 6, 7, 8, 9, 1])
-    assert lk.propose() == [[2, 3, 4, 5, 6, 7, 8, 9]]
-    lk.update([2, 3, 0])  # two kept, then the target's own token: m = (4 + 2) / 2 = 3
-    assert lk.length == 7 and lk.accepted_tokens == 2
-    assert lk.propose() == []  # nothing earlier follows a 0
-    lk.update([1])
-    assert lk.length == 7  # no proposal, no change
-    assert lk.propose() == [[2, 3, 0, 1]]  # after the most recent 1 (the sequence ends there)
-    lk.update([7])  # nothing kept: m = 1.5
-    assert lk.length == 4 and lk.proposed_nodes == 12
-    for i in range(3):  # a run that keeps failing shrinks to one token
-        lk.index.extend([1])
-        assert lk.propose()
-        lk.update([200 + i])  # never what followed a 1 before
-    assert lk.length == 1 and lk.accepted_tokens == 2
-    lk.index.extend([5, 6])
-    assert lk.propose() == [[7]]
-    lk.update([7, 5])  # kept whole: m grows, the length with it
-    assert lk.length == 2
-    assert lk.propose(budget=0) == []
+def test_short_matches_that_fail_shrink_while_long_matches_stay_long():
+    """Each matched context length has its own acceptance estimate: 1-token matches the target
+    keeps rejecting draft one token (never none), and a 4-token match in the same sequence still
+    drafts max_len; a branch kept whole raises the estimates it used."""
+    lk = Lookup(max_len=8, branches=1, threshold=0.1)
+    base = list(range(1, 13))
+    lk.begin(base + [50])
+    lengths = []
+    for i in range(10):
+        lk.index.extend([1])  # only the unigram 1 matches (its bigram is new every time)
+        (branch,) = lk.propose()
+        lengths.append(len(branch))
+        lk.update([300 + i])  # never what the branch says
+    assert lengths[0] == 8 and lengths == sorted(lengths, reverse=True) and lengths[-1] == 1
+    assert lk.keep_probability(1, 1) < 0.1 and lk.accepted_tokens == 0
+    lk.index.extend([3, 4, 5, 6])  # the last 4 tokens occur in the base
+    before = lk.keep_probability(4, 1)
+    assert lk.propose() == [[7, 8, 9, 10, 11, 12, 50, 1]]
+    lk.update([7, 8, 9, 10, 11, 12, 50, 1, 2])  # kept whole, plus the target's own token
+    assert lk.keep_probability(4, 1) > before and lk.accepted_tokens == 8
+    assert lk.proposed_nodes == sum(lengths) + 8
+
+
+def test_a_sibling_is_drafted_only_where_it_is_worth_a_node():
+    """A sibling counts only where the best branch fails: with the prior estimates (1/2 at
+    depth 1 of a 1-token match) the sibling's first node is kept with chance 1/2 * 1/2 = 0.25,
+    so it is drafted at threshold 0.1 and not at 0.3; budgets bound all branches together."""
+    tokens = [7, 1, 7, 2, 3, 7]  # 7 was followed by 2 (most recent) and by 1
+    low = Lookup(max_len=3, branches=2, threshold=0.1)
+    low.begin(tokens)
+    assert low.propose() == [[2, 3, 7], [1, 7, 2]]  # the sibling's third node: 0.25 * 2/3 * 3/4
+    assert low.proposed_nodes == 6
+    high = Lookup(max_len=3, branches=2, threshold=0.3)
+    high.begin(tokens)
+    assert high.propose() == [[2, 3]]  # 1/2 * 2/3 >= 0.3 > 1/2 * 2/3 * 3/4, and 0.25 < 0.3
+    assert sum(map(len, low.propose(budget=2))) <= 2
+    assert low.propose(budget=0) == []
     with pytest.raises(ValueError, match="max_len"):
         Lookup(max_len=0)
+    with pytest.raises(ValueError, match="threshold"):
+        Lookup(threshold=0.0)
 
 
 REPEATING = torch.tensor([[5, 9, 17, 33, 5, 9, 17, 33, 5, 9, 17]])
