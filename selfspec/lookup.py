@@ -158,6 +158,7 @@ class Lookup:
             raise RuntimeError("Lookup.begin(tokens) must run before propose()")
         room = self.max_nodes if budget is None else budget
         out: list[list[int]] = []
+        added = 0  # new nodes: a sibling's shared prefix is merged into the best branch
         reach: list[float] = [1.0]  # reach[d]: chance the best branch's first d nodes are kept
         for n, cont in self.index.continuations(min(self.max_len, room), self.branches):
             if not out:
@@ -178,10 +179,9 @@ class Lookup:
             if take > start:
                 out.append(cont[:take])
                 room -= take - start
+                added += take - start
         self.proposed = out
-        self.proposed_nodes += sum(len(c) for c in out[:1]) + sum(
-            len(c) - _common_prefix(c, out[0]) for c in out[1:]
-        )
+        self.proposed_nodes += added
         return out
 
     def update(self, kept: Sequence[int]) -> None:
@@ -189,8 +189,8 @@ class Lookup:
         if self.proposed:
             hits = [_common_prefix(c, kept) for c in self.proposed]
             self.accepted_tokens += max(hits)
-            first, hit = self.proposed[0], hits[0]
-            for depth in range(1, min(hit + 1, len(first)) + 1):  # the best branch's nodes reached
+            hit = hits[0]
+            for depth in range(1, min(hit + 1, len(self.proposed[0])) + 1):  # the best branch's nodes reached
                 k = min(self._first_n + depth - 1, CONTEXT_CAP)
                 self._seen[k] += 1
                 self._kept[k] += depth <= hit
