@@ -85,7 +85,7 @@ def tree_attention(
     anc = ancestors.contiguous()
     w = widths.contiguous()
     out = torch.empty(t, hq, d, dtype=torch.bfloat16)
-    _KERNEL.lib.tree_attention(
+    status = _KERNEL.lib.tree_attention(
         q.data_ptr(),
         key.data_ptr(),
         value.data_ptr(),
@@ -102,6 +102,8 @@ def tree_attention(
         float(scale),
         out.data_ptr(),
     )
+    if status not in (0, None):
+        raise MemoryError("tree_attention: the kernel could not allocate its scratch memory")
     return out
 
 

@@ -63,6 +63,26 @@ def test_every_node_is_bitwise_the_one_query_sdpa_call(prefix, heads):
         assert torch.equal(out[i], _reference(q[i], k, v, keys, 0.125, hq // hkv)), f"node {i}"
 
 
+@same_order
+@pytest.mark.parametrize("d", [48, 80, 128, 256])
+def test_head_sizes_and_a_wide_tree_across_a_block_boundary(d):
+    """Head sizes that leave a remainder after the kernel's 64-column p.V slices (48, 80), two
+    that do not, and 40 nodes whose keys straddle the 512-key block boundary (prefix 500): the
+    shared 16-key tiles end part-filled and the ancestors spill into the next block."""
+    g = torch.Generator().manual_seed(d)
+    parents = [-1] + [max(0, i - 1 - (i % 3)) for i in range(1, 40)]
+    prefix = 500
+    anc, rows, widths = _tree(parents, prefix)
+    total = prefix + len(parents)
+    k = (torch.randn(2, total, d, generator=g) * 2).bfloat16()
+    v = torch.randn(2, total, d, generator=g).bfloat16()
+    q = torch.randn(len(parents), 6, d, generator=g).bfloat16()
+    out = cpu_attention.tree_attention(q, k, v, prefix, rows, widths, d**-0.5)
+    for i, a in enumerate(anc):
+        keys = torch.cat([torch.arange(prefix), torch.tensor(a)])
+        assert torch.equal(out[i], _reference(q[i], k, v, keys, d**-0.5, 3)), f"node {i}"
+
+
 def _one_position(q, k, v, scale):
     none = torch.zeros(1, 0, dtype=torch.int64)
     return cpu_attention.tree_attention(q, k, v, k.shape[1], none, torch.zeros(1, dtype=torch.int64), scale)[
