@@ -43,7 +43,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from selfspec.attention import TreeMask, causal_mask, explicit_attention, window_cut
 from selfspec.cache import KVStore
-from selfspec.invariance import linear_plans, row_exact_scope
+from selfspec.invariance import fast_layers, linear_plans, row_exact_scope
 from selfspec.kernels import cpu_attention
 from selfspec.kernels import tree_attention as tree_kernel
 
@@ -355,15 +355,18 @@ def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((dtype, threads), plans)
 
 
-def row_exact(model: PreTrainedModel) -> contextlib.AbstractContextManager:
+def row_exact(model: PreTrainedModel, decode: bool = False) -> contextlib.AbstractContextManager:
     """A context in which the model's linear layers give every tree node its one-row result: the
     layers measured not row-invariant here run through ``selfspec.invariance.row_exact_scope``
-    (none: a no-op). The plans are measured once per model, dtype and thread count."""
+    (none: a no-op). ``decode``: a decode step (one token or a tree, never a prefill, whose
+    library calls plain decoding shares), where the row-invariant layers the blocked kernel
+    reproduces bitwise and runs faster (``invariance.fast_layers``) use it too, unless
+    ``SELFSPEC_CPU_KERNELS=0``. The plans are measured once per model, dtype and thread count."""
     key = (model.dtype, torch.get_num_threads())
     entry = _PLANS.get(model)
     if entry is None or entry[0] != key:
-        entry = _PLANS[model] = (key, linear_plans(model))
-    return row_exact_scope(entry[1])
+        entry = _PLANS[model] = (key, linear_plans(model), fast_layers(model))
+    return row_exact_scope(entry[1], entry[2] if decode else None)
 
 
 @dataclass(frozen=True)
@@ -387,11 +390,9 @@ def target_forward(
     start = cache.store.length
     offsets = depths if depths is not None else torch.arange(tokens.shape[0], device=tokens.device)
     extra = {"logits_to_keep": 1} if last_logits_only else {}
-    with (
-        row_exact(model)
-        if tree is not None and tree.exact and tree.backend == "torch"
-        else contextlib.nullcontext()
-    ):
+    exact_tree = tree is not None and tree.exact and tree.backend == "torch"
+    one_token = tree is None and tokens.shape[0] == 1 and not last_logits_only
+    with row_exact(model, decode=True) if exact_tree or one_token else contextlib.nullcontext():
         out = model(
             input_ids=tokens[None],
             position_ids=(offsets + start)[None],

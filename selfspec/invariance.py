@@ -26,6 +26,12 @@ What breaks the rule, measured on an AMD EPYC (Zen 5, AVX512_BF16), torch 2.13 +
 Norms, rotary, activations and residuals are per-row elementwise work and are covered by the
 per-node property tests (tests/test_invariance.py) rather than assumed.
 
+The same kernel is often faster than the library for the few rows of a decode step (it keeps a
+packed copy of the weight and reads it once per call). ``fast_layers`` finds the row-invariant
+layers it reproduces bitwise for one row and, timed at load, runs faster; ``selfspec.hf`` routes
+those through it in decode steps (one token or a tree), never in a prefill, so every step keeps
+the bits plain decoding with the library computes.
+
 Which linear shapes break the rule depends on the CPU, the library and the thread count, so it
 is measured, not listed: ``variant_linear_shapes`` probes every distinct weight shape of a model
 once per process (random inputs, several row counts, one-row calls as the reference),
@@ -40,6 +46,8 @@ registered.
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 import weakref
 
 import torch
@@ -142,6 +150,39 @@ def plan_for(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.devic
     return kernel_block(n, k, bias, dtype, device)
 
 
+FAST_ROWS = (1, 4, 16)  # row counts at which the blocked kernel is timed against the library
+_FAST: dict[tuple, int] = {}  # same key as _PROBED -> rows up to which the kernel is faster here
+
+
+def kernel_rows(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device) -> int:
+    """For a row-invariant shape whose library one-row result the blocked kernel reproduces
+    (``kernel_block``): the most rows (of ``FAST_ROWS``) up to which the kernel was timed faster
+    than the library call, or 0. Measured once per process, shape and thread count (median of
+    interleaved calls on the probe weight); the library may be faster on another CPU."""
+    key = _key(n, k, bias, dtype, device)
+    if key not in _FAST:
+        _FAST[key] = 0
+        block = kernel_block(n, k, bias, dtype, device)
+        if block is not None:
+            with torch.inference_mode():
+                w, b, _ = _probe_data(n, k, bias, dtype, device)
+                packed = cpu_linear.pack(w)
+                for rows in FAST_ROWS:
+                    x = torch.randn(rows, k).to(device, dtype)
+                    lib, ker = [], []
+                    for _ in range(15):
+                        start = time.perf_counter()
+                        F.linear(x, w, b)
+                        lib.append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        cpu_linear.blocked_linear(x, packed, n, block, b)
+                        ker.append(time.perf_counter() - start)
+                    if statistics.median(ker) >= statistics.median(lib):
+                        break
+                    _FAST[key] = rows
+    return _FAST[key]
+
+
 def _variant_layers(model: nn.Module):
     """The model's CPU linear layers that are not row-invariant here, with their probe arguments
     (probed once per distinct shape; a few ms each). CUDA is not probed: verification there runs
@@ -164,6 +205,23 @@ def linear_plans(model: nn.Module) -> dict[nn.Linear, Plan]:
     return {module: plan_for(*args) for module, args in _variant_layers(model)}
 
 
+def fast_layers(model: nn.Module) -> dict[nn.Linear, tuple[int, int]]:
+    """The row-invariant CPU linear layers of ``model`` that the blocked kernel computes bitwise as
+    the library's one-row call and faster: layer -> (K-block, most rows), see ``kernel_rows``.
+    A decode step (one token or a tree) may run them through the kernel and stay bitwise what
+    plain decoding with the library computes."""
+    out = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
+            n, k = module.weight.shape
+            args = (int(n), int(k), module.bias is not None, module.weight.dtype, module.weight.device)
+            if module.weight.dtype == torch.bfloat16 and row_invariant(*args):
+                rows = kernel_rows(*args)
+                if rows:
+                    out[module] = (kernel_block(*args), rows)
+    return out
+
+
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (weight, version, packed)
 
 
@@ -183,16 +241,25 @@ class RowExactLinear(TorchFunctionMode):
     with the planned block size, or one call per row where the plan is None. Every other call
     passes through unchanged."""
 
-    def __init__(self, plans: dict[nn.Linear, Plan]):
+    def __init__(self, plans: dict[nn.Linear, Plan], fast: dict[nn.Linear, tuple[int, int]] | None = None):
         super().__init__()
         # Keyed by identity (a tensor's == is elementwise); the layers hold their weights alive.
         self._by_weight = {id(m.weight): (m.weight, block, m) for m, block in plans.items()}
+        self._fast = {id(m.weight): (m.weight, block, rows, m) for m, (block, rows) in (fast or {}).items()}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
+            fast = self._fast.get(id(w))
+            if (
+                fast is not None
+                and fast[0] is w
+                and x.dtype == torch.bfloat16
+                and x.numel() <= x.shape[-1] * fast[2]
+            ):
+                return cpu_linear.blocked_linear(x, _packed(fast[3]), w.shape[0], fast[1], b)
             planned = self._by_weight.get(id(w))
             if planned is not None and planned[0] is w and x.numel() > x.shape[-1]:
                 plan, rows = planned[1], x.reshape(-1, x.shape[-1])
@@ -214,10 +281,16 @@ class RowExactLinear(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def row_exact_scope(plans: dict[nn.Linear, Plan]):
+def row_exact_scope(plans: dict[nn.Linear, Plan], fast: dict[nn.Linear, tuple[int, int]] | None = None):
     """While open, each planned linear layer computes its forward inside ``RowExactLinear`` (entered
     by a forward pre-hook, left by a forward hook), so only those layers pay for a Python mode.
-    Hooks are removed, and a mode left open by an exception is closed, on the way out."""
+    Hooks are removed, and a mode left open by an exception is closed, on the way out. With
+    ``fast`` layers (``fast_layers``: most of a model's) the mode is entered once for the whole
+    block instead, which costs less than hooks on every layer."""
+    if fast:
+        with RowExactLinear(plans, fast):
+            yield
+        return
     if not plans:
         yield
         return

@@ -237,3 +237,55 @@ def test_every_node_exact_with_and_without_the_cpu_attention_kernel(tiny_models,
     q = torch.zeros(1, model.config.num_attention_heads, 1, attn.head_dim).bfloat16()
     accepted = hf.cpu_kernel_attention(attn, q, attn.scaling)
     assert bool(calls) == (switch == "1" and accepted)
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="blocked CPU linear unavailable here")
+def test_fast_layers_give_one_row_calls_the_library_bits_through_the_kernel(monkeypatch):
+    """A decode step may run row-invariant layers through the blocked kernel (faster on small row
+    counts): only where the kernel reproduces the library's one-row call, only up to the rows it
+    was timed faster for, and bitwise the library's result."""
+    from selfspec import invariance
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.Linear(192, 64, bias=True)).bfloat16()
+    monkeypatch.setattr(invariance, "kernel_rows", lambda *args: 4)  # timing is the next test's
+    fast = invariance.fast_layers(model)
+    shapes = {tuple(m.weight.shape) for m in fast}
+    assert (192, 576) in shapes  # K = 576: the default model's q/k/v/gate/up/lm_head reduction
+    calls = []
+    real = cpu_linear.blocked_linear
+    monkeypatch.setattr(
+        cpu_linear, "blocked_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    )
+    layer = model[0]
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 576).bfloat16()
+        with torch.no_grad(), row_exact_scope({}, fast):
+            out = layer(x)
+        one = torch.cat([F.linear(x[i : i + 1], layer.weight, layer.bias) for i in range(rows)])
+        assert torch.equal(out, one), f"{rows} rows"
+    assert [s[0] for s in calls if s[-1] == 576] == [1, 3]  # 8 rows > the 4 timed faster: the library
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="blocked CPU linear unavailable here")
+def test_kernel_rows_is_zero_where_the_library_is_faster(monkeypatch):
+    import time
+
+    from selfspec import invariance
+
+    real, real_linear = cpu_linear.blocked_linear, F.linear
+
+    def slow(*args, **kwargs):
+        time.sleep(0.002)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(invariance, "_FAST", {})
+    monkeypatch.setattr(cpu_linear, "blocked_linear", slow)
+    assert invariance.kernel_rows(64, 576, False, torch.bfloat16, torch.device("cpu")) == 0
+    monkeypatch.setattr(invariance, "_FAST", {})
+    monkeypatch.setattr(cpu_linear, "blocked_linear", real)
+    monkeypatch.setattr(invariance.F, "linear", lambda *a, **k: time.sleep(0.002) or real_linear(*a, **k))
+    assert (
+        invariance.kernel_rows(64, 576, False, torch.bfloat16, torch.device("cpu"))
+        == invariance.FAST_ROWS[-1]
+    )
