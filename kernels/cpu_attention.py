@@ -4,6 +4,8 @@ library calls, with every node bitwise what one-token decoding computes.
 
 ``tree_attention`` takes the queries of T tree nodes, one layer's K/V cache, the prefix length and
 each node's ancestor rows; every query attends to the prefix (read in place) and its own ancestors.
+The queries of one K/V head share each block of prefix keys (converted once, then read from L1 by
+all of them), so a node adds a fraction of a one-node call (``benchmarks/bench_cpu_attention.py``).
 The order it reproduces is stated in ``cpu/tree_attention_bf16.c``; it was identified by probing
 torch 2.13's kernel and is not assumed to hold elsewhere: callers check it bitwise against the
 library on the model's own shapes at load time (``selfspec.hf``) and keep the library call where it
