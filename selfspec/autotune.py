@@ -33,7 +33,6 @@ from transformers import PreTrainedModel
 
 from selfspec.drafters import Drafter
 from selfspec.hf import StoreCache, TreeMask, attention_backend, new_store, selfspec_attention, target_forward
-from selfspec.invariance import fast_layers, row_exact_scope
 from selfspec.io import atomic_write_json
 from selfspec.models import cache_dir
 from selfspec.tree import (
@@ -45,8 +44,8 @@ from selfspec.tree import (
 )
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
-# bump when the candidates, the cost model or the kernels change (13: drafting timed with the blocked linear): older entries are re-measured
-VERSION = 13
+# bump when the candidates, the cost model or the kernels change (14: back to drafting on the library path): older entries are re-measured
+VERSION = 14
 STEP_ROWS = 2  # positions a drafter catches up on per decode step (the kept path: tau ~ 2)
 # A tree must be expected to beat plain decoding by this much to be chosen: each figure is a median
 # of a few timings, which moved by ~10% between runs on the shared 2-core dev CPU.
@@ -121,14 +120,8 @@ def _budget_calls(model, drafter, ids, spec, n, repeats, backend, verify):
     state = drafter.begin(prefix + (repeats + 2) * (STEP_ROWS + spec.pool_size) + 1)
     d = drafter.propose(state, first.hidden, ids.roll(-1), spec)
     mask = TreeMask(d.tree.ancestor_mask, backend, verify == "exact") if d.tree.size > 1 else None
-    fast = fast_layers(drafter)  # drafting runs these through the blocked kernel, as generate does
-
-    def draft():
-        with row_exact_scope({}, fast):
-            return drafter.propose(state, first.hidden[-STEP_ROWS:], ids[-STEP_ROWS:], spec)
-
     return (
-        draft,
+        lambda: drafter.propose(state, first.hidden[-STEP_ROWS:], ids[-STEP_ROWS:], spec),
         lambda: target_forward(model, cache, d.tokens, d.tree.depths, mask, drafter.feature_layers),
     )
 

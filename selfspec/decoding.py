@@ -32,7 +32,6 @@ from selfspec.hf import (
     selfspec_attention,
     target_forward,
 )
-from selfspec.invariance import fast_layers, row_exact_scope
 from selfspec.lookup import Lookup, merged_tree
 from selfspec.sampling import CandidateSampler, LogitsProcessor, SamplingConfig, sample_tokens, warp_logits
 from selfspec.tree import DynamicTree, TreeBuffers, chain, tree_from_parents
@@ -285,8 +284,6 @@ def generate(
     )
     if verify == "exact":  # measures the linear plans once per process, before the clock starts
         row_exact(model)
-    if drafter is not None:
-        drafter_fast_layers(drafter)  # likewise
     eos = eos_ids(model, eos_token_id)
     return _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, lookup)
 
@@ -345,7 +342,7 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, looku
         stats.prefill_s = time.perf_counter() - start
         if lookup is not None:
             lookup.begin(prompt.tolist() + token.tolist())
-        loop = _Loop(model, cache, drafter, state, tree, dec, prompt, lookup, drafter_fast_layers(drafter))
+        loop = _Loop(model, cache, drafter, state, tree, dec, prompt, lookup)
         out = loop.run(first.hidden, torch.cat([prompt[1:], token]), max_new_tokens, eos, streamer, stats)
     if streamer is not None:
         streamer.end()
@@ -355,15 +352,6 @@ def _run(model, prompt, drafter, tree, max_new_tokens, eos, streamer, dec, looku
         stats.lookup_proposed, stats.lookup_accepted = lookup.proposed_nodes, lookup.accepted_tokens
     stats.finish(out.numel(), time.perf_counter() - start, depth)
     return GenerationResult(sequences=torch.cat([prompt, out])[None], stats=stats)
-
-
-def drafter_fast_layers(drafter: Drafter | None) -> dict:
-    """The drafter's linear layers that the blocked CPU kernel computes bitwise as the library
-    does and faster (``selfspec.invariance.fast_layers``): drafting runs them through it, with the
-    same results. Empty off the CPU, outside bf16, or with ``SELFSPEC_CPU_KERNELS=0``."""
-    if drafter is None:
-        return {}
-    return fast_layers(drafter)
 
 
 def feature_layers(drafter: Drafter | None) -> tuple[int, ...]:
@@ -391,7 +379,6 @@ class _Loop:
     dec: Decoding
     prompt: torch.Tensor  # [n]
     lookup: Lookup | None = None
-    drafter_fast: dict = field(default_factory=dict)  # drafter layers run by the blocked kernel
     _pruned: dict = field(default_factory=dict)  # drafter trees cut to a smaller budget, by size
 
     def run(self, hidden, next_tokens, max_new_tokens, eos, streamer, stats) -> torch.Tensor:
@@ -417,8 +404,7 @@ class _Loop:
         drafted = sum(len(b) for b in branches)
         if self.drafter is not None:
             tree = self._drafter_tree(drafted)
-            with row_exact_scope({}, self.drafter_fast):
-                draft = self.drafter.propose(self.state, hidden, next_tokens, tree, sampler=self.dec.sampler)
+            draft = self.drafter.propose(self.state, hidden, next_tokens, tree, sampler=self.dec.sampler)
         else:
             draft = Draft(tree=self.tree, tokens=next_tokens[-1:])
         if branches:

@@ -144,35 +144,3 @@ def test_default_model_bf16_batched_verification_differs(targets):
         len(node_mismatches(model, encode(tokenizer, PROMPTS[0])[0], tree, tokens, exact=False))
         > tree.size // 2
     )
-
-
-@pytest.mark.skipif(not (SHIPPED_DRAFTERS / "default").is_dir(), reason="no shipped drafter")
-def test_default_drafter_proposes_the_same_tree_through_the_blocked_kernel(targets):
-    """Drafting runs the drafter's row-invariant layers through the blocked CPU kernel where it
-    reproduces the library's bits and is faster (``drafter_fast_layers``): the proposals must be
-    exactly those of the library path, catch-up over several rows included."""
-    from selfspec.decoding import drafter_fast_layers
-    from selfspec.hf import StoreCache, new_store, selfspec_attention, target_forward
-    from selfspec.invariance import row_exact_scope
-    from selfspec.kernels import cpu_linear
-    from selfspec.tree import DynamicTree
-
-    model, tokenizer = targets(torch.bfloat16)
-    drafter = selfspec.load_drafter("default", model)
-    fast = drafter_fast_layers(drafter)
-    if cpu_linear.available():
-        assert fast, "the kernel is available here but runs none of the drafter's layers"
-    ids = encode(tokenizer, PROMPTS[1])[0]
-    with torch.inference_mode(), selfspec_attention(model):
-        cache = StoreCache(new_store(model, ids.numel() + 8))
-        out = target_forward(model, cache, ids, feature_layers=drafter.feature_layers)
-    nxt = torch.cat([ids[1:], out.logits[-1:].argmax(-1)])
-    for tree in (drafter.tree, DynamicTree.sized(6)):
-        drafts = []
-        for scope in ({}, fast):
-            state = drafter.begin(ids.numel() + 64)
-            with torch.inference_mode(), row_exact_scope({}, scope):
-                drafter.propose(state, out.hidden[:-3], nxt[:-3], tree)  # prefill-sized catch-up
-                drafts.append(drafter.propose(state, out.hidden[-3:], nxt[-3:], tree))  # a step's rows
-        assert torch.equal(drafts[0].tokens, drafts[1].tokens)
-        assert torch.equal(drafts[0].tree.parents, drafts[1].tree.parents)
