@@ -29,7 +29,7 @@ _KERNEL = cpu_build.Kernel(
     {
         "tree_attention": (
             [_PTR, _PTR, _PTR] + [_I64] * 3 + [_PTR, _PTR] + [_I64] * 5 + [ctypes.c_float, _PTR],
-            None,
+            ctypes.c_int,
         )
     },
 )
@@ -104,7 +104,7 @@ def tree_attention(
         float(scale),
         out.data_ptr(),
     )
-    if status not in (0, None):
+    if status != 0:
         raise MemoryError("tree_attention: the kernel could not allocate its scratch memory")
     return out
 

@@ -100,7 +100,7 @@ TARGET static inline float dot4(const float *qf, const uint16_t *k, int64_t d) {
  * Blocks of keys are shared by every query whose keys reach them: the prefix rows of a block are
  * converted to fp32 once (K in 16-key tiles, [tile][c][16], so 16 keys' dots run in one vector
  * with each key's 4-lane order kept; V row-major) and read by all Q queries; a query's ancestor
- * rows (after the prefix) are read from the cache one at a time, as before. */
+ * rows (after the prefix) are read from the cache one at a time. */
 typedef struct {
     const uint16_t *q, *kh, *vh; /* queries [t, hq, d]; this K/V head's rows */
     int64_t row_stride, prefix, max_w, t, hq, group, h0, d;
@@ -245,8 +245,9 @@ TARGET static void shared_pv(const float *vf, const float *pf, int64_t lo, int64
     }
 }
 
-/* Per query: state [d + 2] (acc, running max, running sum), score [KV_BLOCK] fp32, prob [KV_BLOCK]. */
-TARGET static void run_head(const head_job *jb, float *kt, float *vf, float *state, float *scores, uint16_t *probs) {
+/* Per query: state [d + 2] (acc, running max, running sum) and scores [KV_BLOCK] (fp32; after the
+ * softmax terms, each p_j as the fp32 value of its bf16 rounding, which p.V multiplies by). */
+TARGET static void run_head(const head_job *jb, float *kt, float *vf, float *state, float *scores) {
     const int64_t d = jb->d, nq = jb->t * jb->group, prefix = jb->prefix;
     const __m512 vscale = _mm512_set1_ps(jb->scale);
     int64_t longest = 0;
@@ -281,7 +282,6 @@ TARGET static void run_head(const head_job *jb, float *kt, float *vf, float *sta
             if (n0 >= total) continue;
             const int64_t nb = total - n0 < KV_BLOCK ? total - n0 : KV_BLOCK;
             float *score = scores + i * KV_BLOCK, *acc = state + i * (d + 2), *gm = acc + d, *gs = acc + d + 1;
-            uint16_t *prob = probs + i * KV_BLOCK;
             for (int64_t j = ns; j < nb; j++)
                 score[j] = dot4(qfs + i * d, jb->kh + jb->anc[node * jb->max_w + (n0 + j - prefix)] * jb->row_stride, d) *
                            jb->scale;
@@ -308,8 +308,7 @@ TARGET static void run_head(const head_job *jb, float *kt, float *vf, float *sta
                 score[j] = e;
             }
             for (j = 0; j < nb; j++) {
-                prob[j] = f32_to_bf16(score[j]);
-                score[j] = bf16_to_f32(prob[j]); /* what p.V multiplies by */
+                score[j] = bf16_to_f32(f32_to_bf16(score[j])); /* p_j = bf16(e_j) */
             }
             float et = expf(*gm - m);
             *gs = fmaf(et, *gs, bsum);
@@ -335,11 +334,11 @@ TARGET static void run_head(const head_job *jb, float *kt, float *vf, float *sta
             if (n0 >= total) continue;
             const int64_t nb = total - n0 < KV_BLOCK ? total - n0 : KV_BLOCK;
             const int64_t whole = nb & ~(int64_t)3;
-            const uint16_t *prob = probs + i * KV_BLOCK;
+            const float *pf = scores + i * KV_BLOCK;
             float *acc = state + i * (d + 2);
             for (int64_t g = (nb < ns ? nb : ns) & ~(int64_t)3; g < whole; g += 4) {
                 __m512 pw[4];
-                for (int k = 0; k < 4; k++) pw[k] = _mm512_set1_ps(bf16_to_f32(prob[g + k]));
+                for (int k = 0; k < 4; k++) pw[k] = _mm512_set1_ps(pf[g + k]);
                 for (int64_t c = 0; c < d; c += 16) {
                     __m512 x[4];
                     for (int k = 0; k < 4; k++) x[k] = _mm512_mul_ps(v_at(jb, vf, ns, n0, node, g + k, c), pw[k]);
@@ -349,7 +348,7 @@ TARGET static void run_head(const head_job *jb, float *kt, float *vf, float *sta
                 }
             }
             for (int64_t g = nb - 1; g >= whole; g--) {
-                __m512 pw = _mm512_set1_ps(bf16_to_f32(prob[g]));
+                __m512 pw = _mm512_set1_ps(pf[g]);
                 for (int64_t c = 0; c < d; c += 16) {
                     __m512 x = _mm512_mul_ps(v_at(jb, vf, ns, n0, node, g, c), pw);
                     __m512 run =
@@ -395,15 +394,14 @@ TARGET int tree_attention(const uint16_t *q, const uint16_t *k, const uint16_t *
                           int64_t max_w, int64_t t, int64_t hq, int64_t hkv, int64_t d, float scale,
                           uint16_t *out) {
     int64_t group = hq / hkv, nq = t * group;
-    /* K tiles, V rows, per query: state + fp32 query, scores, probabilities (bf16, half a float each) */
-    float *buf = scratch_for(2 * KV_BLOCK * d + nq * (2 * d + 2) + nq * KV_BLOCK * 3 / 2 + 16);
+    /* K tiles, V rows, per query: state + fp32 query, scores */
+    float *buf = scratch_for(2 * KV_BLOCK * d + nq * (2 * d + 2) + nq * KV_BLOCK);
     if (buf == NULL) return -1;
     float *kt = buf, *vf = buf + KV_BLOCK * d, *state = vf + KV_BLOCK * d, *scores = state + nq * (2 * d + 2);
-    uint16_t *probs = (uint16_t *)(scores + nq * KV_BLOCK);
     for (int64_t g = 0; g < hkv; g++) {
         head_job jb = {q, k + g * head_stride, v + g * head_stride, row_stride, prefix, max_w, t, hq, group,
                        g * group, d, anc, widths, scale, out};
-        run_head(&jb, kt, vf, state, scores, probs);
+        run_head(&jb, kt, vf, state, scores);
     }
     return 0;
 }
