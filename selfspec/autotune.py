@@ -44,8 +44,7 @@ from selfspec.tree import (
 )
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # 1 = plain decoding
-# bump when the candidates, the cost model or the kernels change (14: back to drafting on the library path): older entries are re-measured
-VERSION = 14
+VERSION = 14  # bump when the candidates, the cost model or the kernels change: older entries are re-measured
 STEP_ROWS = 2  # positions a drafter catches up on per decode step (the kept path: tau ~ 2)
 # A tree must be expected to beat plain decoding by this much to be chosen: each figure is a median
 # of a few timings, which moved by ~10% between runs on the shared 2-core dev CPU.

@@ -352,7 +352,8 @@ def new_store(model: PreTrainedModel, max_len: int) -> KVStore:
     )
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> ((dtype, threads), plans)
+# model -> ((dtype, threads), plans of the row-variant layers, fast layers)
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def row_exact(model: PreTrainedModel, decode: bool = False) -> contextlib.AbstractContextManager:

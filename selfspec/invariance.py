@@ -71,11 +71,15 @@ TRANSPOSED = "transposed"
 Plan = int | str | None
 
 
+def _probe_weight(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device, g: torch.Generator):
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
+    return w, torch.randn(n, generator=g).to(device, dtype) if bias else None
+
+
 def _probe_data(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.device):
     """A random weight, bias and, per probed row count, inputs with their one-row reference outputs."""
     g = torch.Generator().manual_seed(n * 7919 + k)
-    w = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
-    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    w, b = _probe_weight(n, k, bias, dtype, device, g)
     cases = []
     for rows in PROBE_ROWS:
         for _ in range(-(-PROBE_OUTPUTS // (rows * n))):  # ceil: one trial for a vocabulary-wide read-out
@@ -165,7 +169,7 @@ def kernel_rows(n: int, k: int, bias: bool, dtype: torch.dtype, device: torch.de
         block = kernel_block(n, k, bias, dtype, device)
         if block is not None:
             with torch.inference_mode():
-                w, b, _ = _probe_data(n, k, bias, dtype, device)
+                w, b = _probe_weight(n, k, bias, dtype, device, torch.Generator().manual_seed(n + k))
                 packed = cpu_linear.pack(w)
                 for rows in FAST_ROWS:
                     x = torch.randn(rows, k).to(device, dtype)
