@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,6 +64,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200, help="timed calls per kernel and shape")
     ap.add_argument("--out", default=None, help="write the results here (json)")
     args = ap.parse_args()
+    from selfspec.eval.measure import environment
+
     old_text = subprocess.run(
         ["git", "show", f"{args.baseline_commit}:{SOURCE}"],
         capture_output=True,
@@ -107,10 +107,7 @@ def main() -> None:
                 flush=True,
             )
     record = {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
-        "device": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "environment": environment(torch.device("cpu"), torch.bfloat16),
         "baseline_commit": args.baseline_commit,
         "shape": "9 query heads / 3 K/V heads, head size 64, bf16, one thread (one layer of the default model)",
         "results": rows_out,

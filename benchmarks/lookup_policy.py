@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -58,9 +57,8 @@ def main() -> None:
             ap.error(f"--questions {f}: no such file")
     torch.set_num_threads(args.threads)
 
-    import transformers
-
     import selfspec
+    from selfspec.eval.measure import environment
     from selfspec.eval.questions import encode_conversation
     from selfspec.lookup import Lookup
 
@@ -70,7 +68,7 @@ def main() -> None:
     results = {}
     for f in args.questions:
         qs = [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
-        tot = {k: {"tokens": 0, "seconds": 0.0, "proposed": 0, "kept": 0} for k in variants}
+        tot = {k: {"tokens": 0, "seconds": 0.0, "proposed": 0, "kept": 0, "per_prompt": []} for k in variants}
         reference = {}
         for rnd in range(args.rounds):
             for i, q in enumerate(qs):
@@ -90,17 +88,15 @@ def main() -> None:
                     t["seconds"] += r.stats.wall_s
                     t["proposed"] += r.stats.lookup_proposed
                     t["kept"] += r.stats.lookup_accepted
+                    t["per_prompt"].append(round(r.stats.tokens_per_s, 2))
         for t in tot.values():
             t["tok_s"] = round(t["tokens"] / t["seconds"], 2)
+            t["per_prompt_median"] = statistics.median(t["per_prompt"])
+            t["per_prompt_min_max"] = [min(t["per_prompt"]), max(t["per_prompt"])]
         results[f] = tot
         print(f, {k: (t["tok_s"], f"{t['kept']}/{t['proposed']} kept") for k, t in tot.items()}, flush=True)
     record = {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
-        "device": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "environment": environment(model.device, model.dtype),
         "drafter": args.drafter,
         "results": results,
     }
